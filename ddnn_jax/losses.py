@@ -1,0 +1,151 @@
+"""Embedded knowledge distillation (EKD): the full net teaches every sub-net.
+
+For labels y, full-net logits z_f and sub-net logits z_k:
+
+  L = CE(z_f, y) + sum_k [ CE(z_k, y)
+                          + alpha * T^2 * KL(softmax(z_f / T) || softmax(z_k / T))
+                          + beta * sum_{s in S} D(A(F_k^s), A(F_f^s)) ]
+
+where A is an attention map of a stage's output and D its distance. Every term
+is computed in float32 and reported per depth.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from ddnn_jax import models
+
+ATTENTION_KINDS = ('zscore_sum', 'at_p2')
+STAGE_SETS = ('all', 'last')
+
+
+@dataclasses.dataclass(frozen=True)
+class EKDConfig:
+  alpha: float = 1.0  # weight of the KL term
+  beta: float = 1.0  # weight of the attention term
+  temperature: float = 3.0
+  attention: str = 'zscore_sum'  # one of ATTENTION_KINDS
+  stages: str = 'all'  # one of STAGE_SETS
+  stop_gradient: bool = True  # the teacher's logits and maps get no gradient
+
+  def __post_init__(self):
+    if self.attention not in ATTENTION_KINDS:
+      raise ValueError(
+          f'unknown attention {self.attention!r}; choose one of {ATTENTION_KINDS}')
+    if self.stages not in STAGE_SETS:
+      raise ValueError(f'unknown stages {self.stages!r}; choose one of {STAGE_SETS}')
+    if not self.temperature > 0:
+      raise ValueError(f'temperature must be > 0, got {self.temperature}')
+    for name in ('alpha', 'beta'):
+      value = getattr(self, name)
+      if not (value >= 0 and math.isfinite(value)):
+        raise ValueError(f'{name} must be a finite number >= 0, got {value}')
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  """Mean softmax cross-entropy against integer labels."""
+  return optax.losses.softmax_cross_entropy_with_integer_labels(
+      logits.astype(jnp.float32), labels).mean()
+
+
+def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array,
+                  temperature: float) -> jax.Array:
+  """T^2 * KL(softmax(teacher/T) || softmax(student/T)), summed over classes, batch mean."""
+  t = temperature
+  teacher_log_probs = jax.nn.log_softmax(teacher_logits.astype(jnp.float32) / t)
+  student_log_probs = jax.nn.log_softmax(student_logits.astype(jnp.float32) / t)
+  per_example = optax.losses.kl_divergence_with_log_targets(
+      student_log_probs, teacher_log_probs)
+  return t * t * per_example.mean()
+
+
+def attention_map(features: jax.Array, kind: str, eps: float = 1e-5) -> jax.Array:
+  """(batch, H, W, C) features -> (batch, H*W) attention map.
+
+  ``zscore_sum``: channel sum, standardised over each sample's positions.
+  ``at_p2``: channel mean of squares, L2-normalised per sample.
+  """
+  x = features.astype(jnp.float32)
+  if kind == 'zscore_sum':
+    a = x.sum(axis=-1).reshape(x.shape[0], -1)
+    mean = a.mean(axis=1, keepdims=True)
+    var = a.var(axis=1, keepdims=True)
+    return (a - mean) * jax.lax.rsqrt(var + eps)
+  if kind == 'at_p2':
+    a = jnp.square(x).mean(axis=-1).reshape(x.shape[0], -1)
+    norm = jnp.linalg.norm(a, axis=1, keepdims=True)
+    return a / jnp.maximum(norm, 1e-12)
+  raise ValueError(f'unknown attention {kind!r}; choose one of {ATTENTION_KINDS}')
+
+
+def attention_distance(student_features: jax.Array, teacher_features: jax.Array,
+                       kind: str) -> jax.Array:
+  """Mean squared difference of the two attention maps."""
+  if student_features.shape[1:3] != teacher_features.shape[1:3]:
+    raise ValueError(
+        f'attention maps need equal spatial sizes, got {student_features.shape} '
+        f'and {teacher_features.shape}')
+  diff = attention_map(student_features, kind) - attention_map(teacher_features, kind)
+  return jnp.mean(jnp.square(diff))
+
+
+def ekd_loss(outputs: Sequence[models.DepthOutput], depths: Sequence[models.Depth],
+             labels: jax.Array, teacher_depth: models.Depth,
+             config: EKDConfig = EKDConfig()) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """EKD objective over the outputs of ``model.forward_depths(images, depths)``.
+
+  Returns the total loss and a dict of every term (terms with a zero weight are
+  reported but not added), keyed
+  ``'<depth tag>/<term>'`` with terms ``ce``, ``kl``, ``at``, ``at_stage<s>``
+  (stages from 1) and ``loss`` (the depth's weighted sum). The teacher has only
+  ``ce`` and ``loss``.
+  """
+  depths = [tuple(d) for d in depths]
+  teacher_depth = tuple(teacher_depth)
+  if len(outputs) != len(depths):
+    raise ValueError(f'got {len(outputs)} outputs for {len(depths)} depths')
+  if len(set(depths)) != len(depths):
+    raise ValueError(f'depths must be distinct, got {depths}')
+  if teacher_depth not in depths:
+    raise ValueError(f'the teacher depth {teacher_depth} is not among {depths}')
+  teacher = outputs[depths.index(teacher_depth)]
+  teacher_logits, teacher_features = teacher.logits, teacher.features
+  if config.stop_gradient:
+    teacher_logits, teacher_features = jax.lax.stop_gradient(
+        (teacher_logits, teacher_features))
+  num_stages = len(teacher_features)
+  stages = range(num_stages) if config.stages == 'all' else [num_stages - 1]
+
+  terms = {}
+  total = jnp.zeros((), jnp.float32)
+  for depth, output in zip(depths, outputs):
+    tag = models.depth_tag(depth)
+    ce = cross_entropy(output.logits, labels)
+    terms[f'{tag}/ce'] = ce
+    loss = ce
+    if depth != teacher_depth:
+      kl = kl_divergence(teacher_logits, output.logits, config.temperature)
+      at = jnp.zeros((), jnp.float32)
+      for s in stages:
+        distance = attention_distance(output.features[s], teacher_features[s],
+                                      config.attention)
+        terms[f'{tag}/at_stage{s + 1}'] = distance
+        at = at + distance
+      terms[f'{tag}/kl'] = kl
+      terms[f'{tag}/at'] = at
+      # A zero weight drops the term from the loss (it is still reported), so a
+      # non-finite KD term cannot leak into a CE-only objective.
+      if config.alpha:
+        loss = loss + config.alpha * kl
+      if config.beta:
+        loss = loss + config.beta * at
+    terms[f'{tag}/loss'] = loss
+    total = total + loss
+  return total, terms
