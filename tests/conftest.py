@@ -1,9 +1,44 @@
-"""Test-session settings shared by every test module."""
+"""Test-session settings and fixtures shared by every test module."""
+
+import collections
+import os
+import pathlib
+import tarfile
 
 import jax
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',
+                 'ship', 'truck')
 
 # The partitionable threefry PRNG (jax's default) makes XLA:CPU compile parameter
 # initialisation about 3x slower (16 s instead of 6 s for CIFAR ResNet-20 on two
 # cores). No test depends on the particular random stream, and every parameter
 # here is replicated, so the tests use the faster-compiling variant.
 jax.config.update('jax_threefry_partitionable', False)
+
+
+@pytest.fixture(scope='session')
+def cifar_roots(tmp_path_factory):
+  """ROOT/train with 30 real CIFAR-10 JPEGs per class, OTHER/test with 10 more."""
+  name = os.environ.get('DDNN_CIFAR10_TAR')
+  if not name:
+    pytest.skip('DDNN_CIFAR10_TAR is not set')
+  path = REPO / name
+  if not path.is_file():
+    pytest.fail(f'DDNN_CIFAR10_TAR={name}: {path} does not exist')
+  base = tmp_path_factory.mktemp('cifar')
+  taken = collections.Counter()
+  with tarfile.open(path) as tar:
+    for member in tar:
+      parts = member.name.split('/')
+      if not member.isfile() or len(parts) != 3 or taken[parts[1]] >= 40:
+        continue
+      split_dir = ('ROOT', 'train') if taken[parts[1]] < 30 else ('OTHER', 'test')
+      target = base.joinpath(*split_dir, parts[1], parts[2])
+      target.parent.mkdir(parents=True, exist_ok=True)
+      target.write_bytes(tar.extractfile(member).read())
+      taken[parts[1]] += 1
+  assert sorted(taken) == list(CIFAR_CLASSES) and set(taken.values()) == {40}
+  return base / 'ROOT', base / 'OTHER'
