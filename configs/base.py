@@ -1,0 +1,88 @@
+"""Fields shared by every config; the configs in this folder override a few.
+
+Not a launchable config itself: import it with `from configs import base` and
+call `base.get_config()`.
+"""
+
+import ml_collections
+
+from ddnn_jax import input_pipeline
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  # What a training step computes: 'ekd' (all depths, full net teaches the
+  # others), 'joint_ce' (all depths, cross-entropy only) or 'individual' (one
+  # depth trained as a standalone net).
+  config.method = 'ekd'
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = 'cifar_resnet20'  # a preset of ddnn_jax.models.PRESETS
+  config.model.width_multiplier = 1.0  # scales every channel count
+  # BatchNorm across depths: 'shared', 'private_stats' or 'private_all'.
+  config.model.bn_mode = 'shared'
+  config.model.dtype = 'float32'  # compute dtype; 'bfloat16' on TPU
+  config.model.zero_init_residual = False  # zero the last BN scale of each block
+
+  # Depth configs trained together (blocks per stage); the full depth is always
+  # included and is the teacher.
+  config.depths = ((1, 1, 1), (2, 2, 2), (3, 3, 3))
+  # The one depth that method 'individual' trains as a standalone net.
+  config.individual_depth = (3, 3, 3)
+
+  config.ekd = ml_collections.ConfigDict()
+  config.ekd.alpha = 1.0  # weight of T^2 * KL(full || sub-net)
+  config.ekd.beta = 1.0  # weight of the attention-map distance
+  config.ekd.temperature = 3.0
+  config.ekd.attention = 'zscore_sum'  # or 'at_p2'
+  config.ekd.stages = 'all'  # or 'last'
+  config.ekd.stop_gradient = True  # the teacher learns from cross-entropy only
+
+  config.data = input_pipeline.default_data_config('digits')
+
+  config.batch_size = 128  # global, over all devices and processes
+  config.eval_batch_size = 256  # global
+  config.num_epochs = 30.0  # may be fractional
+
+  config.optim = ml_collections.ConfigDict()
+  config.optim.learning_rate = 0.1  # peak learning rate at batch_size
+  config.optim.momentum = 0.9
+  config.optim.nesterov = False
+  config.optim.weight_decay = 5e-4  # L2 added to the gradient (torch-style SGD)
+  config.optim.decay_bn_and_bias = False  # False: no decay on BN and bias
+  config.optim.schedule = 'cosine'  # 'cosine', 'step' or 'constant'
+  config.optim.warmup_epochs = 0.0  # linear warm-up from 0 before the schedule
+  config.optim.milestones = (150.0, 225.0)  # 'step': epochs of each decay
+  config.optim.decay_factor = 0.1  # 'step': multiplier at each milestone
+
+  config.seed = 0  # parameters and data order
+  config.log_every_steps = 50
+  config.eval_every_epochs = 1.0
+  config.checkpoint_every_epochs = 1.0  # a checkpoint is also saved at the end
+  config.keep_checkpoints = 3
+  return config
+
+
+def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The `smoke` variant: same method and model family, embedded data, seconds."""
+  config.data = input_pipeline.default_data_config('digits')
+  config.model.width_multiplier = min(config.model.width_multiplier, 0.125)
+  config.model.dtype = 'float32'
+  config.batch_size = 32
+  config.eval_batch_size = 128
+  config.num_epochs = 0.2  # 9 steps of the digits train split
+  config.optim.warmup_epochs = 0.0
+  config.optim.milestones = (0.1,)
+  config.log_every_steps = 2
+  config.eval_every_epochs = 0.2
+  config.checkpoint_every_epochs = 0.1
+  return config
+
+
+def variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+  """Applies the config argument (`--config file.py:smoke`); '' or None: as is."""
+  if arg == 'smoke':
+    return apply_smoke(config)
+  if arg:
+    raise ValueError(f'unknown config argument {arg!r}; the only one is "smoke"')
+  return config

@@ -1,0 +1,69 @@
+"""Entry point: python -m ddnn_jax.main --config configs/default.py --workdir DIR.
+
+Any config field can be overridden: --config.num_epochs=5 --config.model.bn_mode=private_stats.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+# XLA:CPU runs convolutions about twice as fast with this fusion setting (CIFAR
+# ResNet-18 training: 57 instead of 30 img/s on two cores). The flag exists in
+# the pinned jaxlib; an XLA that does not know it would abort, hence the pin.
+_CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
+if 'xla_cpu_experimental_ynn_fusion_type' not in os.environ.get('XLA_FLAGS', ''):
+  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_CPU_CONV_FLAG}'.strip()
+
+import jax  # noqa: E402  -- after XLA_FLAGS
+
+from ddnn_jax import train  # noqa: E402
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and eval results.')
+config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
+                                lock_config=True)
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def initialize_distributed() -> None:
+  """Joins the other processes of a multi-host run, when there are any.
+
+  Explicit: JAX_COORDINATOR_ADDRESS (host:port), JAX_NUM_PROCESSES, JAX_PROCESS_ID.
+  Automatic (JAX detects the rest): a Cloud TPU pod slice, or a SLURM job with
+  more than one task.
+  """
+  env = os.environ
+  if all(k in env for k in ('JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES',
+                            'JAX_PROCESS_ID')):
+    jax.distributed.initialize(env['JAX_COORDINATOR_ADDRESS'],
+                               int(env['JAX_NUM_PROCESSES']), int(env['JAX_PROCESS_ID']))
+  elif int(env.get('SLURM_NTASKS', '1')) > 1 or env.get('TPU_WORKER_HOSTNAMES', '').count(','):
+    jax.distributed.initialize()
+
+
+class _QuietCheckpointLogs(std_logging.Filter):
+  """Orbax narrates every save at INFO; keep its warnings and errors only."""
+
+  def filter(self, record: std_logging.LogRecord) -> bool:
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  del argv
+  logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
+  initialize_distributed()
+  logging.info('process %d of %d, %d local / %d global devices (%s)',
+               jax.process_index(), jax.process_count(), jax.local_device_count(),
+               jax.device_count(), jax.default_backend())
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,68 @@
+"""What each training method computes per step, selected by `config.method`.
+
+A method fixes the model (the DDNN, or a standalone net for 'individual'), the
+depths that run in every step, and the objective over their outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+import jax
+import ml_collections
+
+from ddnn_jax import losses, models
+
+METHODS = ('ekd', 'joint_ce', 'individual')
+
+Objective = Callable[[Sequence[models.DepthOutput], jax.Array],
+                     tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  model: models.DDNNResNet
+  depths: tuple[models.Depth, ...]  # every depth a train step runs, full last
+  objective: Objective
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.DDNNResNet:
+  """The network `config` trains: the DDNN, or the standalone net of 'individual'."""
+  m = config.model
+  stage_sizes = None
+  if config.method == 'individual':
+    base = models.create_model(m.name, num_classes)
+    stage_sizes = base.check_depth(config.individual_depth)
+  return models.create_model(
+      m.name, num_classes, width_multiplier=m.width_multiplier, bn_mode=m.bn_mode,
+      dtype=m.dtype, zero_init_residual=m.zero_init_residual, stage_sizes=stage_sizes)
+
+
+def train_depths(config: ml_collections.ConfigDict,
+                 model: models.DDNNResNet) -> tuple[models.Depth, ...]:
+  """The configured depths, validated, without repeats, the full depth last."""
+  if config.method == 'individual':
+    return (model.full_depth,)
+  depths = []
+  for depth in config.depths:
+    depth = model.check_depth(depth)
+    if depth not in depths and depth != model.full_depth:
+      depths.append(depth)
+  return (*depths, model.full_depth)
+
+
+def create_method(config: ml_collections.ConfigDict, num_classes: int) -> Method:
+  if config.method not in METHODS:
+    raise ValueError(
+        f'unknown method {config.method!r}; set --config.method to one of {METHODS}')
+  model = create_model(config, num_classes)
+  depths = train_depths(config, model)
+  ekd = losses.EKDConfig(**config.ekd.to_dict())
+  if config.method == 'joint_ce':
+    ekd = dataclasses.replace(ekd, alpha=0.0, beta=0.0)
+
+  def objective(outputs, labels):
+    return losses.ekd_loss(outputs, depths, labels, model.full_depth, ekd)
+
+  return Method(model, depths, objective)

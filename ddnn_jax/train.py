@@ -1,0 +1,180 @@
+"""The training loop: data -> jitted, sharded train step -> logs, evals, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from clu import metric_writers, periodic_actions
+from etils import epath
+
+from ddnn_jax import checkpointing, evaluate, input_pipeline, methods, models, optim
+from ddnn_jax import mesh as mesh_lib
+from ddnn_jax.train_state import TrainState, create_train_state, state_shardings
+
+
+class NonFiniteLossError(RuntimeError):
+  pass
+
+
+def make_train_step(method: methods.Method, tx: optax.GradientTransformation,
+                    schedule: optax.Schedule, state_sharding: Any,
+                    mesh: jax.sharding.Mesh):
+  """Jitted (state, batch) -> (state, metrics); every depth runs in this one step."""
+  model, depths = method.model, method.depths
+
+  def loss_fn(params, batch_stats, batch):
+    outputs, updates = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, batch['image'], depths, True,
+        method=model.forward_depths, mutable=['batch_stats'])
+    loss, terms = method.objective(outputs, batch['label'])
+    for depth, output in zip(depths, outputs):
+      correct = jnp.argmax(output.logits, -1) == batch['label']
+      terms[f'{models.depth_tag(depth)}/accuracy'] = correct.mean()
+    return loss, (terms, updates.get('batch_stats', batch_stats))
+
+  def step(state: TrainState, batch):
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (terms, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        **{f'train/{k}': v for k, v in terms.items()},
+        'train/loss': loss,
+        'train/learning_rate': schedule(state.step),
+        'train/grad_norm': optax.tree.norm(grads),
+        'train/param_norm': optax.tree.norm(params),
+    }
+    new_state = state.replace(step=state.step + 1, params=params,
+                              batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+  return jax.jit(step, in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
+                 out_shardings=(state_sharding, mesh_lib.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def _mean_metrics(history: list[tuple[int, dict]]) -> dict[str, float]:
+  values = jax.device_get([m for _, m in history])
+  return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+
+
+def _check_finite(history: list[tuple[int, dict]]) -> None:
+  losses = jax.device_get([m['train/loss'] for _, m in history])
+  for (step, _), loss in zip(history, losses):
+    if not math.isfinite(float(loss)):
+      raise NonFiniteLossError(
+          f'loss is {float(loss)} at step {step}; training stopped and the last '
+          'checkpoint (from before that step) is kept. Lower the learning rate or '
+          'check the data, then rerun to resume from that checkpoint.')
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns
+  the final evaluation metrics."""
+  mesh = mesh_lib.create_mesh()
+  mesh_lib.check_batch_size(config.batch_size, mesh, 'batch_size')
+  mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  info = input_pipeline.get_info(config.data)
+  method = methods.create_method(config, info.num_classes)
+  train_examples = info.num_examples[config.data.train_split]
+  steps_per_epoch = input_pipeline.steps_per_epoch(train_examples, config.batch_size)
+  if steps_per_epoch < 1:
+    raise ValueError(
+        f'batch_size={config.batch_size} exceeds the {train_examples} training '
+        'examples; lower --config.batch_size')
+  num_steps = max(1, optim.epochs_to_steps(config.num_epochs, steps_per_epoch))
+  every = lambda epochs: max(1, optim.epochs_to_steps(epochs, steps_per_epoch))  # noqa: E731
+  tx, schedule = optim.create_optimizer(config, steps_per_epoch)
+  image_shape = (info.image_size, info.image_size, 3)
+
+  save_config(config, workdir)
+  _, state_sharding = state_shardings(method.model, method.depths, tx, image_shape, mesh)
+  state = create_train_state(method.model, method.depths, tx,
+                             jax.random.key(config.seed), image_shape, mesh)
+  manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
+  if manager.latest_step() is not None:
+    abstract = checkpointing.abstract_with_shardings(state, state_sharding)
+    state = checkpointing.restore(manager, abstract)
+    logging.info('resumed from step %d', int(state.step))
+  start_step = int(state.step)
+
+  train_step = make_train_step(method, tx, schedule, state_sharding, mesh)
+  eval_step = evaluate.make_eval_step(method.model, method.depths, mesh)
+  writer = metric_writers.create_default_writer(
+      workdir, just_logging=jax.process_index() > 0)
+  if start_step == 0:
+    writer.write_hparams(_flat_hparams(config))
+  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
+
+  def eval_batches():
+    return input_pipeline.eval_batches(config.data, split=config.data.eval_split,
+                                       global_batch_size=config.eval_batch_size)
+
+  def run_eval(step: int) -> dict[str, float]:
+    metrics = evaluate.evaluate_depths(method.model, state.variables, eval_batches(),
+                                       method.depths, mesh, eval_step)
+    writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+    return metrics
+
+  batches = input_pipeline.train_batches(
+      config.data, global_batch_size=config.batch_size, seed=config.seed,
+      start_step=start_step)
+  history: list[tuple[int, dict]] = []
+  eval_metrics: dict[str, float] = {}
+  logging.info('training %s (%s) for %d steps (%d per epoch), depths %s',
+               config.model.name, config.method, num_steps, steps_per_epoch,
+               method.depths)
+  with metric_writers.ensure_flushes(writer):
+    for step in range(start_step + 1, num_steps + 1):
+      state, metrics = train_step(state, mesh_lib.global_batch(next(batches), mesh))
+      history.append((step, metrics))
+      report(step)
+      is_last = step == num_steps
+      save_now = is_last or step % every(config.checkpoint_every_epochs) == 0
+      if save_now or step % config.log_every_steps == 0:
+        _check_finite(history)
+        writer.write_scalars(step, _mean_metrics(history))
+        history = []
+      if save_now:
+        checkpointing.save(manager, step, state)
+      if is_last or step % every(config.eval_every_epochs) == 0:
+        eval_metrics = run_eval(step)
+    if start_step >= num_steps:
+      eval_metrics = run_eval(start_step)
+  manager.wait_until_finished()
+  manager.close()
+  # The report a user reads: json, Markdown table and plot in the workdir.
+  evaluate.report(workdir, config, method.model, state.variables, method.depths,
+                  eval_metrics, step=int(state.step), label=config.data.eval_split,
+                  sample_images=next(iter(eval_batches()))['image'], mesh=mesh)
+  return eval_metrics
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
+  flat = {}
+
+  def visit(prefix, value):
+    if isinstance(value, dict):
+      for k, v in value.items():
+        visit(f'{prefix}.{k}' if prefix else k, v)
+    else:
+      flat[prefix] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
+
+  visit('', config.to_dict())
+  return flat
+

@@ -1,0 +1,53 @@
+"""Every shipped config: the full version is valid, the smoke version trains."""
+
+import glob
+import os
+
+import numpy as np
+import pytest
+
+from ddnn_jax import evaluate, methods, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
+                 if not p.endswith(('__init__.py', 'base.py')))
+
+
+def load(name, arg=''):
+  return evaluate.load_config('', os.path.join(ROOT, 'configs', name) + (f':{arg}' if arg else ''))
+
+
+def test_all_configs_are_listed():
+  assert CONFIGS == ['cifar10.py', 'cifar100.py', 'cifar10_folder.py', 'default.py',
+                     'imagenet.py', 'imagenet_r34.py']
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_full_config_is_valid(name):
+  config = load(name)
+  with open(os.path.join(ROOT, 'configs', name)) as f:
+    module_doc = f.read()
+  assert 'python -m ddnn_jax.main --config configs/' + name in module_doc.replace('\\\n', '')
+  num_classes = {'cifar100': 100, 'imagenet2012': 1000}.get(config.data.name, 10)
+  method = methods.create_method(config, num_classes)
+  assert method.depths[-1] == method.model.full_depth
+  assert len(method.depths) >= 2
+  config.method = 'individual'
+  assert methods.create_method(config, num_classes).depths == (tuple(config.individual_depth),)
+
+
+def test_unknown_config_argument_is_rejected():
+  with pytest.raises(ValueError, match='only one is "smoke"'):
+    load('cifar10.py', 'tiny')
+
+
+@pytest.mark.parametrize('name', [c for c in CONFIGS if c != 'default.py'])  # in test_train
+def test_smoke_variant_trains(name, tmp_path):
+  config = load(name, 'smoke')
+  full = load(name)
+  assert config.method == full.method and config.model.name == full.model.name
+  assert config.data.name == 'digits'
+  metrics = train.train_and_evaluate(config, str(tmp_path))
+  assert metrics['count'] == 360
+  top1 = [v for k, v in metrics.items() if k.endswith('/top1')]
+  assert len(top1) == len(full.depths) and all(np.isfinite(top1))

@@ -1,0 +1,219 @@
+"""End-to-end training: one device, 8 fake devices, two processes, resume, NaN stop."""
+
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from ddnn_jax import checkpointing, evaluate, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
+SMOKE = os.path.join(ROOT, 'configs', 'default.py') + ':smoke'
+
+
+def smoke_config(**overrides):
+  config = evaluate.load_config('', SMOKE)
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+def scalars(workdir, tag):
+  """{step: value} of one scalar from the TensorBoard event files in workdir."""
+  import tensorflow as tf  # noqa: PLC0415
+
+  values = {}
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.tag == tag:
+          values[event.step] = float(tf.make_ndarray(value.tensor))
+  return values
+
+
+def params_of(workdir):
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  restored = manager.restore(manager.latest_step())
+  return restored['params'], manager.latest_step()
+
+
+def run_worker(workdir, *overrides, devices=1, env=None, wait=True):
+  env = dict(os.environ, **(env or {}))
+  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
+  env['JAX_THREEFRY_PARTITIONABLE'] = '0'  # faster init compile, as in conftest
+  env.pop('JAX_PLATFORMS', None)
+  proc = subprocess.Popen(
+      [sys.executable, WORKER, SMOKE, str(workdir), '--config.log_every_steps=1',
+       *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  if not wait:
+    return proc
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  return out
+
+
+@pytest.fixture(scope='module')
+def default_run(tmp_path_factory):
+  """The default config's smoke variant, trained once in this process."""
+  workdir = str(tmp_path_factory.mktemp('default'))
+  metrics = train.train_and_evaluate(smoke_config(log_every_steps=1), workdir)
+  return workdir, metrics
+
+
+def test_run_leaves_checkpoint_events_and_config(default_run):
+  workdir, metrics = default_run
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  assert manager.latest_step() == 9  # 0.2 epochs of 1,437 digits at batch 32
+  assert glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))
+  with open(os.path.join(workdir, 'config.json')) as f:
+    saved = json.load(f)
+  assert saved['method'] == 'ekd'
+  losses = scalars(workdir, 'train/loss')
+  assert sorted(losses) == list(range(1, 10))
+  assert all(np.isfinite(v) for v in losses.values())
+  for tag in ('d1-1-1', 'd2-2-2', 'd3-3-3'):
+    assert 0.0 <= metrics[f'{tag}/top1'] <= 1.0
+    assert scalars(workdir, f'train/{tag}/ce')
+  assert scalars(workdir, 'train/d1-1-1/kl') and scalars(workdir, 'train/d1-1-1/at_stage3')
+  assert not scalars(workdir, 'train/d3-3-3/kl')  # the teacher has no KD terms
+  assert scalars(workdir, 'train/learning_rate') and scalars(workdir, 'train/grad_norm')
+  assert metrics['count'] == 360  # the whole digits test split
+  assert scalars(workdir, 'eval/d1-1-1/top1')
+
+
+def test_evaluate_cli_writes_json_table_and_plot(default_run, capsys):
+  workdir, metrics = default_run
+  assert evaluate.main(['--workdir', workdir]) == 0
+  printed = capsys.readouterr().out
+  assert '| depth | top-1 |' in printed
+  with open(os.path.join(workdir, 'eval_test.json')) as f:
+    result = json.load(f)
+  assert result['examples'] == 360 and result['step'] == 9
+  assert [r['depth'] for r in result['depths']] == [[1, 1, 1], [2, 2, 2], [3, 3, 3]]
+  for row in result['depths']:
+    tag = 'd' + '-'.join(map(str, row['depth']))
+    assert row['top1'] == pytest.approx(metrics[f'{tag}/top1'], abs=1e-6)
+    assert row['params'] > 0 and row['flops'] > 0 and row['images_per_second'] > 0
+  full = result['depths'][-1]
+  assert full['agreement'] == 1.0 and full['kl_to_full'] == pytest.approx(0, abs=1e-6)
+  assert os.path.getsize(os.path.join(workdir, 'accuracy_vs_flops.png')) > 1000
+  assert os.path.exists(os.path.join(workdir, 'eval_test.md'))
+
+
+def test_evaluate_cli_bad_input(tmp_path, capsys):
+  assert evaluate.main(['--workdir', str(tmp_path)]) == 2
+  assert 'config.json' in capsys.readouterr().err
+
+
+def test_image_folder_run_and_evaluate_another_root(cifar_roots, tmp_path, capsys):
+  root, other = cifar_roots  # real CIFAR-10 JPEGs: 30 per class, and 10 more
+  workdir = str(tmp_path)
+  config = evaluate.load_config('', os.path.join(ROOT, 'configs', 'cifar10_folder.py'))
+  config.data.root = str(root)
+  config.data.validation_size = 50
+  config.data.data_dir = str(tmp_path / 'tfds')
+  config.model.width_multiplier = 0.125
+  config.update(dict(batch_size=50, eval_batch_size=64, num_epochs=1.0,
+                     log_every_steps=1, eval_every_epochs=1.0))
+  metrics = train.train_and_evaluate(config, workdir)
+  assert metrics['count'] == 50  # the held-out validation split
+  assert evaluate.main(['--workdir', workdir, '--root', str(other), '--split', 'test']) == 0
+  with open(os.path.join(workdir, 'eval_OTHER_test.json')) as f:
+    result = json.load(f)
+  assert result['examples'] == 100 and result['root'] == str(other)
+  assert [r['depth'] for r in result['depths']] == [[1, 1, 1], [2, 2, 2], [3, 3, 3]]
+  assert all(0 <= r['top1'] <= 1 for r in result['depths'])
+  assert 'split OTHER_test, 100 examples' in capsys.readouterr().out
+
+
+def test_resume_continues_schedule_and_data_order(tmp_path):
+  # A constant schedule makes the 4-step run a prefix of the 9-step one.
+  common = dict(**{'optim.schedule': 'constant', 'optim.learning_rate': 0.05})
+  full_dir, split_dir = str(tmp_path / 'full'), str(tmp_path / 'split')
+  train.train_and_evaluate(smoke_config(**common), full_dir)
+  train.train_and_evaluate(smoke_config(num_epochs=0.1, **common), split_dir)
+  assert params_of(split_dir)[1] == 4
+  train.train_and_evaluate(smoke_config(**common), split_dir)  # resumes at 4
+  full, full_step = params_of(full_dir)
+  resumed, resumed_step = params_of(split_dir)
+  assert full_step == resumed_step == 9
+  jax.tree.map(np.testing.assert_array_equal, full, resumed)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(smoke_config(num_epochs=0.1), workdir)  # saves step 4
+  with pytest.raises(train.NonFiniteLossError, match='at step 6'):
+    # An infinite learning rate turns the parameters to inf at step 5, so the
+    # loss of step 6 is not finite.
+    train.train_and_evaluate(smoke_config(**{'optim.learning_rate': float('inf'),
+                                             'optim.schedule': 'constant'}), workdir)
+  assert params_of(workdir)[1] == 4
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params_of(workdir)[0]))
+
+
+def test_eight_devices_match_one_device(tmp_path):
+  one = run_worker(tmp_path / 'one', devices=1)
+  eight = run_worker(tmp_path / 'eight', devices=8)
+  assert '8 local / 8 global devices' in eight, eight[-2000:]
+  a, b = scalars(str(tmp_path / 'one'), 'train/loss'), scalars(str(tmp_path / 'eight'), 'train/loss')
+  assert sorted(a) == sorted(b) == list(range(1, 10)), (one[-1000:], eight[-1000:])
+  # Same global batches; only the order of the cross-device sums differs, so
+  # the losses (about 10) agree to float32 round-off.
+  np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-5)
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  single = tmp_path / 'single'
+  run_worker(single, devices=4)
+  multi = tmp_path / 'multi'
+  port = _free_port()
+  procs = [
+      run_worker(multi, devices=2, wait=False, env={
+          'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2',
+          'JAX_PROCESS_ID': str(i)}) for i in range(2)]
+  outputs = []
+  for proc in procs:
+    out, _ = proc.communicate(timeout=600)
+    outputs.append(out)
+    assert proc.returncode == 0, out[-3000:]
+  assert 'process 1 of 2, 2 local / 4 global devices' in outputs[1], outputs[1][-2000:]
+  a, b = scalars(str(single), 'train/loss'), scalars(str(multi), 'train/loss')
+  assert sorted(a) == sorted(b) == list(range(1, 10))
+  # Relative 1e-5: gloo sums the gradients across processes in another order.
+  np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-5)
+
+
+@pytest.mark.parametrize('override,message', [
+    ('--config.model.name=resnet19', "unknown model 'resnet19'"),
+    ('--config.method=distill', "unknown method 'distill'"),
+    ('--config.depths=((1,1,1),(4,1,1))', 'stage 1 has 4 blocks; allowed 1..3'),
+    ('--config.model.bn_mode=private', "unknown bn_mode 'private'"),
+    ('--config.batch_size=3000', 'exceeds the 1437 training examples'),
+    ('--config.ekd.attention=at_p3', "unknown attention 'at_p3'"),
+])
+def test_bad_config_is_one_line_error_and_nonzero_exit(tmp_path, override, message):
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  result = subprocess.run([sys.executable, WORKER, SMOKE, str(tmp_path), override],
+                          capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode != 0
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert not glob.glob(os.path.join(tmp_path, 'checkpoints', '*'))
