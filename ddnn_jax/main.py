@@ -10,12 +10,9 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-# XLA:CPU runs convolutions about twice as fast with this fusion setting (CIFAR
-# ResNet-18 training: 57 instead of 30 img/s on two cores). The flag exists in
-# the pinned jaxlib; an XLA that does not know it would abort, hence the pin.
-_CPU_CONV_FLAG = '--xla_cpu_experimental_ynn_fusion_type=-individual_convolution'
-if 'xla_cpu_experimental_ynn_fusion_type' not in os.environ.get('XLA_FLAGS', ''):
-  os.environ['XLA_FLAGS'] = f'{os.environ.get("XLA_FLAGS", "")} {_CPU_CONV_FLAG}'.strip()
+from ddnn_jax import runtime
+
+runtime.configure_xla_flags()
 
 import jax  # noqa: E402  -- after XLA_FLAGS
 

@@ -14,6 +14,7 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
+from jax.experimental import multihost_utils
 
 from ddnn_jax import checkpointing, evaluate, input_pipeline, methods, models, optim
 from ddnn_jax import mesh as mesh_lib
@@ -76,6 +77,14 @@ def _check_finite(history: list[tuple[int, dict]]) -> None:
           'check the data, then rerun to resume from that checkpoint.')
 
 
+def _dataset_info(data: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
+  """Process 0 prepares the dataset (or extracts the tar) before the others look."""
+  if jax.process_index() == 0:
+    info = input_pipeline.get_info(data)
+  multihost_utils.sync_global_devices('ddnn_jax: dataset ready')
+  return info if jax.process_index() == 0 else input_pipeline.get_info(data)
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
     path = epath.Path(workdir)
@@ -89,7 +98,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = mesh_lib.create_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh, 'batch_size')
   mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  info = input_pipeline.get_info(config.data)
+  info = _dataset_info(config.data)
   method = methods.create_method(config, info.num_classes)
   train_examples = info.num_examples[config.data.train_split]
   steps_per_epoch = input_pipeline.steps_per_epoch(train_examples, config.batch_size)
