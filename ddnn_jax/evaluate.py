@@ -1,14 +1,15 @@
 """Per-depth evaluation: the library function the trainer calls, and a CLI.
 
   python -m ddnn_jax.evaluate --workdir DIR [--config FILE] [--step N]
-      [--split NAME] [--root PATH]
+      [--split NAME] [--root PATH] [--recalibrate-bn N]
 
 restores the latest (or the given) checkpoint of a run and evaluates every
 depth on a whole split: top-1, top-5, loss, KL to the full net, top-1 agreement
 with the full net, parameters, GFLOPs and measured images/s on this machine. It
 writes `eval_<split>.json`, `eval_<split>.md` and `accuracy_vs_flops.png` into
 the workdir and prints the table. `--root` scores another ImageFolder root with
-the same class folders (held-out data the run never saw).
+the same class folders (held-out data the run never saw). `--recalibrate-bn N`
+re-estimates each depth's BatchNorm statistics on N training batches first.
 """
 
 from __future__ import annotations
@@ -35,14 +36,24 @@ METRICS = ('top1', 'top5', 'loss', 'kl_to_full', 'agreement')
 
 
 def make_eval_step(model: models.DDNNResNet, depths: Sequence[models.Depth],
-                   mesh: jax.sharding.Mesh):
-  """Jitted: (variables, batch) -> masked per-depth sums of every metric."""
+                   mesh: jax.sharding.Mesh, per_depth_variables: bool = False):
+  """Jitted: (variables, batch) -> masked per-depth sums of every metric.
+
+  With `per_depth_variables`, `variables` is a tuple with one set per depth
+  (for example BatchNorm statistics re-calibrated for each) and every depth
+  runs its own forward; otherwise one forward shares the common prefix.
+  """
   depths = tuple(depths)
   full = depths.index(model.full_depth)
 
+  def forward(variables, images):
+    if per_depth_variables:
+      return [model.apply(v, images, (d,), False, method=model.forward_depths)[0]
+              for v, d in zip(variables, depths, strict=True)]
+    return model.apply(variables, images, depths, False, method=model.forward_depths)
+
   def step(variables, batch):
-    outputs = model.apply(variables, batch['image'], depths, False,
-                          method=model.forward_depths)
+    outputs = forward(variables, batch['image'])
     mask = batch['mask'].astype(jnp.float32)
     labels = batch['label']
     teacher = outputs[full].logits
@@ -156,9 +167,14 @@ def load_config(workdir: str, config_file: str | None = None) -> ml_collections.
 
 def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,
         split: str | None = None, root: str | None = None,
-        batch_size: int | None = None) -> list[dict]:
-  """Evaluates every depth of the checkpoint; writes json, md and png to workdir."""
-  from ddnn_jax import checkpointing, input_pipeline, methods, optim  # noqa: PLC0415
+        batch_size: int | None = None, recalibrate_bn: int = 0) -> list[dict]:
+  """Evaluates every depth of the checkpoint; writes json, md and png to workdir.
+
+  `recalibrate_bn` > 0: first re-estimate each depth's BatchNorm statistics on
+  that many training batches (ddnn_jax.bn_calibration); the outputs then carry
+  a `_bnrecal<N>` suffix so they do not replace the plain evaluation.
+  """
+  from ddnn_jax import bn_calibration, checkpointing, input_pipeline, methods, optim  # noqa: PLC0415
   from ddnn_jax.train_state import state_shardings  # noqa: PLC0415
 
   mesh = mesh_lib.create_mesh()
@@ -182,17 +198,28 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
     return input_pipeline.eval_batches(config.data, split=split, root=root,
                                        global_batch_size=batch_size)
 
-  metrics = evaluate_depths(model, state.variables, batches(), depths, mesh)
   label = split if root is None else f'{os.path.basename(os.path.normpath(root))}_{split}'
+  if recalibrate_bn:
+    variables = bn_calibration.recalibrate_depths(
+        model, state.variables, depths,
+        lambda: input_pipeline.train_batches(config.data, global_batch_size=batch_size,
+                                             seed=config.seed),
+        mesh, recalibrate_bn)
+    eval_step = make_eval_step(model, depths, mesh, per_depth_variables=True)
+    metrics = evaluate_depths(model, variables, batches(), depths, mesh, eval_step)
+    label = f'{label}_bnrecal{recalibrate_bn}'
+  else:
+    metrics = evaluate_depths(model, state.variables, batches(), depths, mesh)
   return report(workdir, config, model, state.variables, depths, metrics,
                 step=int(state.step), label=label, root=root,
-                sample_images=next(iter(batches()))['image'], mesh=mesh)
+                sample_images=next(iter(batches()))['image'], mesh=mesh,
+                extra={'bn_recalibration_batches': recalibrate_bn})
 
 
 def report(workdir: str, config: ml_collections.ConfigDict, model: models.DDNNResNet,
            variables, depths: Sequence[models.Depth], metrics: dict[str, float], *,
            step: int, label: str, sample_images: np.ndarray, mesh: jax.sharding.Mesh,
-           root: str | None = None) -> list[dict]:
+           root: str | None = None, extra: dict | None = None) -> list[dict]:
   """Adds params, GFLOPs and img/s to `metrics`; writes json, md and png; prints."""
   from ddnn_jax import costs  # noqa: PLC0415
 
@@ -211,7 +238,7 @@ def report(workdir: str, config: ml_collections.ConfigDict, model: models.DDNNRe
     })
   result = {'workdir': workdir, 'step': step, 'split': label, 'root': root,
             'examples': int(metrics['count']), 'model': config.model.name,
-            'method': config.method, 'depths': rows}
+            'method': config.method, **(extra or {}), 'depths': rows}
   title = (f'{config.model.name} ({config.method}), step {step}, split {label}, '
            f'{result["examples"]} examples')
   table = format_table(rows)
@@ -235,11 +262,16 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument('--split', help='split to score (default: the eval split)')
   parser.add_argument('--root', help='another ImageFolder root with the same classes')
   parser.add_argument('--batch-size', type=int, help='global eval batch size')
+  parser.add_argument('--recalibrate-bn', type=int, default=0, metavar='N',
+                      help='re-estimate each depth\'s BatchNorm statistics on N training '
+                      'batches first (outputs get a _bnrecalN suffix)')
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   try:
     config = load_config(args.workdir, args.config)
+    if args.recalibrate_bn < 0:
+      raise ValueError(f'--recalibrate-bn must be >= 0, got {args.recalibrate_bn}')
     run(args.workdir, config, step=args.step, split=args.split, root=args.root,
-        batch_size=args.batch_size)
+        batch_size=args.batch_size, recalibrate_bn=args.recalibrate_bn)
   except (ValueError, FileNotFoundError, KeyError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

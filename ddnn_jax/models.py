@@ -28,6 +28,7 @@ import jax.numpy as jnp
 Depth = tuple[int, ...]
 
 BN_MODES = ('shared', 'private_stats', 'private_all')
+BN_MOMENTUM = 0.9  # running statistics: new = m * old + (1 - m) * batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +142,7 @@ def batch_norm(x, *, name: str, mode: str, tag: str | None, train: bool,
 
   Must be called inside a compact method: the layers it creates belong to it.
   """
-  kwargs = dict(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+  kwargs = dict(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=1e-5,
                 dtype=dtype)
   if mode == 'shared':
     return nn.BatchNorm(name=name, scale_init=scale_init, **kwargs)(x)

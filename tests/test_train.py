@@ -114,6 +114,23 @@ def test_evaluate_cli_writes_json_table_and_plot(default_run, capsys):
   assert os.path.exists(os.path.join(workdir, 'eval_test.md'))
 
 
+def test_evaluate_cli_recalibrates_bn_per_depth(default_run, capsys):
+  workdir, _ = default_run
+  assert evaluate.main(['--workdir', workdir, '--recalibrate-bn', '2']) == 0
+  assert '| depth | top-1 |' in capsys.readouterr().out
+  with open(os.path.join(workdir, 'eval_test_bnrecal2.json')) as f:
+    result = json.load(f)
+  assert result['bn_recalibration_batches'] == 2 and result['examples'] == 360
+  full = result['depths'][-1]
+  assert full['agreement'] == 1.0 and full['kl_to_full'] == pytest.approx(0, abs=1e-6)
+  assert all(0 <= r['top1'] <= 1 for r in result['depths'])
+  # The plain evaluation stays where it was.
+  with open(os.path.join(workdir, 'eval_test.json')) as f:
+    assert 'bn_recalibration_batches' not in json.load(f)
+  assert evaluate.main(['--workdir', workdir, '--recalibrate-bn', '-1']) == 2
+  assert '--recalibrate-bn must be >= 0' in capsys.readouterr().err
+
+
 def test_evaluate_cli_bad_input(tmp_path, capsys):
   assert evaluate.main(['--workdir', str(tmp_path)]) == 2
   assert 'config.json' in capsys.readouterr().err
