@@ -1,0 +1,204 @@
+"""EKD vs joint CE vs individual training on real CIFAR-10, in one sitting.
+
+  python experiments/cifar10_ekd.py --root ../shared/datasets/cifar10-jpeg-train.tar \\
+      --out /tmp/cifar10_ekd
+  python experiments/summarize.py --out /tmp/cifar10_ekd --results docs/results
+
+Every run trains configs/cifar10_folder.py (CIFAR-10 JPEGs through the
+image_folder dataset, a fixed 5,000-image hold-out of train as 'validation')
+with one recipe and the same number of epochs; only the method, the seed and,
+for ablations, one EKD or BN field differ. Runs go one after another (each
+uses both cores), each in OUT/<run name>:
+
+  ekd_s{0,1}                   DDNN + EKD, the three depths in one step
+  joint_ce_s0                  DDNN, cross-entropy only (alpha = beta = 0)
+  individual_d{1,2,3}_s{0,1}   each depth as a standalone ResNet-8/14/20
+  --ablations NAMES adds one-seed EKD variants (see ABLATIONS)
+
+Resumable: a run with OUT/<run>/DONE.json is skipped; an interrupted one
+resumes from its latest Orbax checkpoint (ddnn_jax.main does that by itself).
+Wall time per run, summed over attempts, is kept in OUT/<run>/attempts.json.
+Changing the recipe (epochs, width, ...) for an OUT that already holds runs is
+refused: start a new OUT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = 'configs/cifar10_folder.py'
+DEPTHS = ((1, 1, 1), (2, 2, 2), (3, 3, 3))
+
+# One-seed EKD variants: what changes if the headline result needs explaining.
+ABLATIONS = {
+    'ekd_bn_private_stats': {'model.bn_mode': 'private_stats'},
+    'ekd_at_p2': {'ekd.attention': 'at_p2'},
+    'ekd_kl_only': {'ekd.beta': 0.0},
+    'ekd_no_stop_grad': {'ekd.stop_gradient': False},
+    'joint_ce_bn_private_stats': {'method': 'joint_ce', 'model.bn_mode': 'private_stats'},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+  name: str
+  overrides: dict
+
+
+def recipe(args: argparse.Namespace) -> dict:
+  """Fields every run shares."""
+  return {
+      'data.root': os.path.abspath(args.root),
+      'num_epochs': args.epochs,
+      'model.width_multiplier': args.width,
+      'batch_size': args.batch_size,
+      'optim.learning_rate': args.learning_rate,
+      'eval_every_epochs': 1.0,
+      'checkpoint_every_epochs': 1.0,
+      'log_every_steps': 50,
+      **dict(_parse_set(item) for item in args.set),
+  }
+
+
+def _parse_set(item: str) -> tuple[str, str]:
+  key, sep, value = item.partition('=')
+  if not sep or not key:
+    raise SystemExit(f'error: --set {item!r} is not FIELD=VALUE (e.g. --set ekd.beta=0.5)')
+  return key, value
+
+
+def plan(args: argparse.Namespace) -> list[Run]:
+  """Seed 0 of every method first, then the ablations, then the other seeds:
+  a cut-short driver still leaves one complete comparison."""
+  def main_runs(seed):
+    return [Run(f'ekd_s{seed}', {'method': 'ekd', 'seed': seed}),
+            *([Run('joint_ce_s0', {'method': 'joint_ce', 'seed': 0})] if seed == 0 else []),
+            *(Run(f'individual_d{d[0]}_s{seed}',
+                  {'method': 'individual', 'individual_depth': d, 'seed': seed})
+              for d in DEPTHS)]
+
+  runs = main_runs(0)
+  for name in _ablations(args.ablations):
+    runs.append(Run(f'{name}_s0', {'method': 'ekd', 'seed': 0, **ABLATIONS[name]}))
+  for seed in range(1, args.seeds):
+    runs += main_runs(seed)
+  if args.only:
+    wanted = set(args.only.split(','))
+    unknown = wanted - {r.name for r in runs}
+    if unknown:
+      raise SystemExit(f'error: unknown run(s) {sorted(unknown)}; known: '
+                       f'{[r.name for r in runs]}')
+    runs = [r for r in runs if r.name in wanted]
+  return runs
+
+
+def _ablations(arg: str) -> list[str]:
+  if not arg:
+    return []
+  names = list(ABLATIONS) if arg == 'all' else arg.split(',')
+  unknown = [n for n in names if n not in ABLATIONS]
+  if unknown:
+    raise SystemExit(f'error: unknown ablation(s) {unknown}; choose from {list(ABLATIONS)} '
+                     "or 'all'")
+  return names
+
+
+def _flag(key: str, value) -> str:
+  if isinstance(value, tuple):
+    value = '(' + ','.join(map(str, value)) + ')'
+  return f'--config.{key}={value}'
+
+
+def command(run: Run, shared: dict, workdir: str) -> list[str]:
+  fields = {**shared, **run.overrides}
+  return [sys.executable, '-m', 'ddnn_jax.main', '--config', CONFIG,
+          f'--workdir={workdir}', *(_flag(k, v) for k, v in fields.items())]
+
+
+def _check_same_settings(workdir: str, settings: dict) -> None:
+  path = os.path.join(workdir, 'driver_settings.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      before = json.load(f)
+    if before != settings:
+      raise SystemExit(
+          f'error: {workdir} was started with other settings ({before}); '
+          'use a new --out, or delete that run to redo it with these')
+  else:
+    os.makedirs(workdir, exist_ok=True)
+    with open(path, 'w') as f:
+      json.dump(settings, f, indent=2)
+
+
+def execute(run: Run, shared: dict, out: str, dry_run: bool) -> None:
+  workdir = os.path.join(out, run.name)
+  cmd = command(run, shared, workdir)
+  done = os.path.join(workdir, 'DONE.json')
+  if os.path.exists(done):
+    print(f'[skip] {run.name}: finished', flush=True)
+    return
+  print(f'[run] {run.name}: {" ".join(cmd[1:])}', flush=True)
+  if dry_run:
+    return
+  settings = json.loads(json.dumps({**shared, **run.overrides}))  # tuples -> lists
+  _check_same_settings(workdir, settings)
+  attempts_path = os.path.join(workdir, 'attempts.json')
+  attempts = []
+  if os.path.exists(attempts_path):
+    with open(attempts_path) as f:
+      attempts = json.load(f)
+  start = time.time()
+  with open(os.path.join(workdir, 'train.log'), 'a') as log:
+    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+  attempts.append({'started': start, 'seconds': time.time() - start,
+                   'returncode': proc.returncode})
+  with open(attempts_path, 'w') as f:
+    json.dump(attempts, f, indent=2)
+  if proc.returncode != 0:
+    raise SystemExit(f'error: run {run.name} failed (exit {proc.returncode}); see '
+                     f'{workdir}/train.log, fix the cause and rerun this command to resume')
+  total = sum(a['seconds'] for a in attempts)
+  with open(done, 'w') as f:
+    json.dump({'seconds': total, 'attempts': len(attempts), 'command': cmd[1:]}, f, indent=2)
+  print(f'[done] {run.name}: {total / 60:.1f} min', flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--root', required=True,
+                      help='CIFAR-10 ImageFolder root or .tar (ROOT/train/<class>/*.jpg)')
+  parser.add_argument('--out', required=True, help='one folder per run goes here')
+  parser.add_argument('--epochs', type=float, default=3.0)
+  parser.add_argument('--width', type=float, default=0.5, help='width multiplier')
+  parser.add_argument('--batch-size', type=int, default=128)
+  parser.add_argument('--learning-rate', type=float, default=0.1)
+  parser.add_argument('--seeds', type=int, default=2)
+  parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
+                      help='any other config field for every run (e.g. ekd.temperature=4)')
+  parser.add_argument('--ablations', default='',
+                      help=f"one-seed EKD variants to add: 'all' or a comma list of {list(ABLATIONS)}")
+  parser.add_argument('--only', help='comma-separated run names to run (default: all)')
+  parser.add_argument('--dry-run', action='store_true', help='print the commands only')
+  args = parser.parse_args(argv)
+  if not os.path.exists(args.root):
+    raise SystemExit(f'error: --root {args.root} does not exist; pass the CIFAR-10 '
+                     'ImageFolder root or cifar10-jpeg-train.tar')
+  shared = recipe(args)
+  runs = plan(args)
+  start = time.time()
+  for run in runs:
+    execute(run, shared, os.path.abspath(args.out), args.dry_run)
+  if not args.dry_run:
+    print(f'all {len(runs)} runs finished; this invocation took '
+          f'{(time.time() - start) / 60:.1f} min', flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,193 @@
+"""The CIFAR-10 experiment driver and its summarizer (experiments/)."""
+
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+def _load(name):
+  spec = importlib.util.spec_from_file_location(name, REPO / 'experiments' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module  # dataclasses look their module up there
+  spec.loader.exec_module(module)
+  return module
+
+
+driver = _load('cifar10_ekd')
+summarize = _load('summarize')
+
+
+def _args(tmp_path, *extra):
+  root = tmp_path / 'root.tar'
+  root.write_bytes(b'')
+  return ['--root', str(root), '--out', str(tmp_path / 'out'), *extra]
+
+
+def _plan(tmp_path, *extra):
+  parser_args = _args(tmp_path, *extra)
+  runs = []
+  original = driver.execute
+  driver.execute = lambda run, shared, out, dry_run: runs.append((run, shared))
+  try:
+    driver.main(parser_args)
+  finally:
+    driver.execute = original
+  return runs
+
+
+def test_plan_runs_seed_zero_of_every_method_then_ablations_then_other_seeds(tmp_path):
+  runs = _plan(tmp_path, '--ablations', 'ekd_kl_only,ekd_at_p2')
+  assert [r.name for r, _ in runs] == [
+      'ekd_s0', 'joint_ce_s0', 'individual_d1_s0', 'individual_d2_s0', 'individual_d3_s0',
+      'ekd_kl_only_s0', 'ekd_at_p2_s0',
+      'ekd_s1', 'individual_d1_s1', 'individual_d2_s1', 'individual_d3_s1']
+  by_name = {r.name: r.overrides for r, _ in runs}
+  assert by_name['individual_d2_s1'] == {'method': 'individual', 'individual_depth': (2, 2, 2),
+                                         'seed': 1}
+  assert by_name['ekd_kl_only_s0'] == {'method': 'ekd', 'seed': 0, 'ekd.beta': 0.0}
+  assert by_name['joint_ce_s0']['method'] == 'joint_ce'
+
+
+def test_every_run_shares_one_recipe(tmp_path):
+  runs = _plan(tmp_path, '--epochs', '2', '--width', '0.25', '--set', 'ekd.temperature=4')
+  recipes = {json.dumps(shared, sort_keys=True) for _, shared in runs}
+  assert len(recipes) == 1
+  shared = runs[0][1]
+  assert shared['num_epochs'] == 2.0 and shared['model.width_multiplier'] == 0.25
+  assert shared['ekd.temperature'] == '4'
+  assert shared['data.root'] == str(tmp_path / 'root.tar')
+
+
+def test_command_passes_tuples_as_config_literals(tmp_path):
+  run = driver.Run('individual_d1_s0', {'method': 'individual',
+                                        'individual_depth': (1, 1, 1), 'seed': 0})
+  cmd = driver.command(run, {'num_epochs': 3.0}, str(tmp_path))
+  assert cmd[1:5] == ['-m', 'ddnn_jax.main', '--config', 'configs/cifar10_folder.py']
+  assert '--config.individual_depth=(1,1,1)' in cmd
+  assert '--config.num_epochs=3.0' in cmd and '--config.method=individual' in cmd
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--only', 'ekd_s7'], "unknown run(s) ['ekd_s7']"),
+    (['--ablations', 'ekd_bogus'], "unknown ablation(s) ['ekd_bogus']"),
+    (['--set', 'ekd.beta'], "--set 'ekd.beta' is not FIELD=VALUE"),
+])
+def test_bad_arguments_name_the_problem(tmp_path, extra, message):
+  with pytest.raises(SystemExit, match=re.escape(message)):
+    driver.main(_args(tmp_path, *extra))
+
+
+def test_missing_root_is_one_line_and_nonzero(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, 'experiments/cifar10_ekd.py', '--root', str(tmp_path / 'nope.tar'),
+       '--out', str(tmp_path / 'out')], cwd=REPO, capture_output=True, text=True, check=False)
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines() == [
+      f'error: --root {tmp_path / "nope.tar"} does not exist; pass the CIFAR-10 '
+      'ImageFolder root or cifar10-jpeg-train.tar']
+
+
+def test_failed_run_resumes_then_is_skipped_and_times_add_up(tmp_path, monkeypatch, capsys):
+  """A failing attempt leaves no DONE.json; the next invocation retries the same
+  run, sums both attempts' wall time, and a third one skips it."""
+  marker = tmp_path / 'fail_once'
+  marker.write_text('')
+  script = ('import os,sys,time; time.sleep(0.2); p=sys.argv[1]; '
+            'sys.exit(3 if os.path.exists(p) and not os.remove(p) else 0)')
+  monkeypatch.setattr(driver, 'command', lambda run, shared, workdir: [
+      sys.executable, '-c', script, str(marker)])
+  run = driver.Run('ekd_s0', {'method': 'ekd', 'seed': 0})
+  out = str(tmp_path / 'out')
+  with pytest.raises(SystemExit, match='run ekd_s0 failed .exit 3.'):
+    driver.execute(run, {'num_epochs': 1.0}, out, dry_run=False)
+  workdir = tmp_path / 'out' / 'ekd_s0'
+  assert not (workdir / 'DONE.json').exists()
+  driver.execute(run, {'num_epochs': 1.0}, out, dry_run=False)
+  done = json.loads((workdir / 'DONE.json').read_text())
+  attempts = json.loads((workdir / 'attempts.json').read_text())
+  assert [a['returncode'] for a in attempts] == [3, 0]
+  assert done['attempts'] == 2
+  assert done['seconds'] == pytest.approx(sum(a['seconds'] for a in attempts))
+  assert done['seconds'] >= 0.4
+  capsys.readouterr()
+  driver.execute(run, {'num_epochs': 1.0}, out, dry_run=False)
+  assert '[skip] ekd_s0: finished' in capsys.readouterr().out
+
+
+def test_changed_recipe_is_refused_for_an_existing_run(tmp_path, monkeypatch):
+  monkeypatch.setattr(driver, 'command', lambda run, shared, workdir: [
+      sys.executable, '-c', 'raise SystemExit(1)'])
+  run = driver.Run('ekd_s0', {'method': 'ekd', 'seed': 0})
+  out = str(tmp_path / 'out')
+  with pytest.raises(SystemExit, match='failed'):
+    driver.execute(run, {'num_epochs': 1.0}, out, dry_run=False)
+  with pytest.raises(SystemExit, match='was started with other settings'):
+    driver.execute(run, {'num_epochs': 2.0}, out, dry_run=False)
+
+
+def _fake_run(out, name, depths_top1, *, seconds=60.0, step=30, epochs=3.0):
+  workdir = out / name
+  workdir.mkdir(parents=True)
+  rows = [{'depth': list(d), 'params': 1000 * sum(d), 'flops': 1e7 * sum(d), 'top1': t,
+           'top5': 0.99, 'loss': 1.0, 'kl_to_full': 0.1, 'agreement': 0.8,
+           'images_per_second': 10.0} for d, t in depths_top1]
+  (workdir / 'eval_validation.json').write_text(json.dumps({'step': step, 'depths': rows}))
+  (workdir / 'attempts.json').write_text(json.dumps([{'seconds': seconds, 'returncode': 0}]))
+  (workdir / 'DONE.json').write_text(json.dumps({'seconds': seconds}))
+  (workdir / 'driver_settings.json').write_text(json.dumps({'num_epochs': epochs}))
+  return workdir
+
+
+def test_summary_averages_seeds_and_compares_with_individual(tmp_path):
+  out = tmp_path / 'out'
+  d1, d2, d3 = (1, 1, 1), (2, 2, 2), (3, 3, 3)
+  _fake_run(out, 'ekd_s0', [(d1, 0.60), (d2, 0.70), (d3, 0.80)])
+  _fake_run(out, 'ekd_s1', [(d1, 0.62), (d2, 0.72), (d3, 0.78)])
+  _fake_run(out, 'joint_ce_s0', [(d1, 0.55), (d2, 0.65), (d3, 0.79)])
+  for seed, shift in ((0, 0.0), (1, 0.02)):
+    for d, t in ((d1, 0.50), (d2, 0.60), (d3, 0.81)):
+      _fake_run(out, f'individual_d{d[0]}_s{seed}', [(d, t + shift)])
+  _fake_run(out, 'ekd_kl_only_s0', [(d1, 0.66), (d2, 0.74), (d3, 0.80)])
+  unfinished = out / 'ekd_at_p2_s0'
+  unfinished.mkdir()
+  (unfinished / 'attempts.json').write_text(json.dumps([{'seconds': 30.0}]))
+  results = tmp_path / 'results'
+  summarize.main(['--out', str(out), '--results', str(results), '--no-curves'])
+  text = (results / 'cifar10_ekd.md').read_text()
+  # ResNet-8 row: EKD 61 ± 1.41, joint 55, individual 51 ± 1.41, EKD - individual +10.
+  assert ('| ResNet-8 (1,1,1) | 3,000 | 0.0300 | 61.00 ± 1.41 (n=2) | 55.00 (n=1) | '
+          '51.00 ± 1.41 (n=2) | +10.00 |') in text
+  assert '| ResNet-20 (3,3,3) | 9,000 | 0.0900 | 79.00 ± 1.41 (n=2) |' in text
+  assert '| ekd_kl_only | 66.00 | 74.00 | 80.00 |' in text
+  assert '| ekd_at_p2_s0 | no | 0.5 |' in text
+  # 10 finished runs of 1 min each plus the unfinished half minute.
+  assert '| **total** | | **10.5** |' in text
+  dump = json.loads((results / 'cifar10_ekd.json').read_text())
+  assert dump['summary']['individual']['1,1,1']['top1']['values'] == [0.5, 0.52]
+
+
+def test_summary_plots_curves_from_tensorboard_events(tmp_path):
+  from clu import metric_writers
+
+  out = tmp_path / 'out'
+  workdir = _fake_run(out, 'ekd_s0', [((1, 1, 1), 0.6), ((3, 3, 3), 0.8)], step=30)
+  writer = metric_writers.SummaryWriter(str(workdir))
+  for step in (10, 20, 30):
+    writer.write_scalars(step, {'eval/d1-1-1/top1': step / 100, 'train/d1-1-1/ce': 3 / step})
+  writer.close()
+  curves = summarize.read_curves(str(workdir))
+  assert curves['eval/d1-1-1/top1'] == [(10, pytest.approx(0.1)), (20, pytest.approx(0.2)),
+                                        (30, pytest.approx(0.3))]
+  results = tmp_path / 'results'
+  summarize.main(['--out', str(out), '--results', str(results)])
+  assert (results / 'curves_ekd.png').stat().st_size > 1000
+
+
+def test_summary_without_runs_is_an_error(tmp_path):
+  with pytest.raises(SystemExit, match='no runs in'):
+    summarize.main(['--out', str(tmp_path), '--results', str(tmp_path / 'r')])
