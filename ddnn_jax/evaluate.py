@@ -165,6 +165,26 @@ def load_config(workdir: str, config_file: str | None = None) -> ml_collections.
   return ml_collections.ConfigDict(json.loads(path.read_text()))
 
 
+def restore(workdir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+            step: int | None = None):
+  """(method, train state) of the run's latest (or `step`) checkpoint, placed
+  in its shardings on `mesh`; only abstract shapes are built before that."""
+  from ddnn_jax import checkpointing, input_pipeline, methods, optim  # noqa: PLC0415
+  from ddnn_jax.train_state import state_shardings  # noqa: PLC0415
+
+  info = input_pipeline.get_info(config.data)
+  method = methods.create_method(config, info.num_classes)
+  train_examples = info.num_examples[config.data.train_split]
+  tx, _ = optim.create_optimizer(
+      config, max(1, input_pipeline.steps_per_epoch(train_examples, config.batch_size)))
+  image_shape = (info.image_size, info.image_size, 3)
+  abstract, shardings = state_shardings(method.model, method.depths, tx, image_shape, mesh)
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  state = checkpointing.restore(
+      manager, checkpointing.abstract_with_shardings(abstract, shardings), step)
+  return method, state
+
+
 def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,
         split: str | None = None, root: str | None = None,
         batch_size: int | None = None, recalibrate_bn: int = 0) -> list[dict]:
@@ -174,25 +194,14 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
   that many training batches (ddnn_jax.bn_calibration); the outputs then carry
   a `_bnrecal<N>` suffix so they do not replace the plain evaluation.
   """
-  from ddnn_jax import bn_calibration, checkpointing, input_pipeline, methods, optim  # noqa: PLC0415
-  from ddnn_jax.train_state import state_shardings  # noqa: PLC0415
+  from ddnn_jax import bn_calibration, input_pipeline  # noqa: PLC0415
 
   mesh = mesh_lib.create_mesh()
   batch_size = batch_size or config.eval_batch_size
   mesh_lib.check_batch_size(batch_size, mesh, 'eval_batch_size')
-  info = input_pipeline.get_info(config.data)
-  method = methods.create_method(config, info.num_classes)
+  method, state = restore(workdir, config, mesh, step)
   model, depths = method.model, method.depths
   split = split or config.data.eval_split
-  train_examples = info.num_examples[config.data.train_split]
-  tx, _ = optim.create_optimizer(
-      config, max(1, input_pipeline.steps_per_epoch(train_examples, config.batch_size)))
-  image_shape = (info.image_size, info.image_size, 3)
-  abstract, shardings = state_shardings(model, depths, tx, image_shape, mesh)
-  manager = checkpointing.create_manager(workdir, async_save=False)
-  state = checkpointing.restore(
-      manager, checkpointing.abstract_with_shardings(abstract, shardings), step)
-  step = int(state.step)
 
   def batches():
     return input_pipeline.eval_batches(config.data, split=split, root=root,

@@ -191,3 +191,23 @@ def test_summary_plots_curves_from_tensorboard_events(tmp_path):
 def test_summary_without_runs_is_an_error(tmp_path):
   with pytest.raises(SystemExit, match='no runs in'):
     summarize.main(['--out', str(tmp_path), '--results', str(tmp_path / 'r')])
+
+
+def test_feature_stats_on_a_tiny_ddnn():
+  import jax
+  import numpy as np
+
+  from ddnn_jax import models
+
+  feature_stats = _load('feature_stats')
+  model = models.create_model('cifar_resnet20', 10, width_multiplier=0.25)
+  images = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.float32)
+  depths = ((1, 1, 1), (3, 3, 3))
+  variables = models.init_variables(model, jax.random.key(0), images, depths)
+  stats = feature_stats.stage_statistics(model, variables, depths, images)
+  assert set(stats) == {'d1-1-1', 'd3-3-3'}
+  assert [r['stage'] for r in stats['d1-1-1']] == [1, 2, 3]
+  for r in stats['d3-3-3']:  # the full net against itself
+    assert r['zscore_distance'] == pytest.approx(0.0, abs=1e-6)
+  for r in stats['d1-1-1'] + stats['d3-3-3']:
+    assert r['spatial_cv'] > 0 and 0 <= r['zero_fraction'] <= 1
