@@ -18,6 +18,8 @@ uses both cores), each in OUT/<run name>:
 Resumable: a run with OUT/<run>/DONE.json is skipped; an interrupted one
 resumes from its latest Orbax checkpoint (ddnn_jax.main does that by itself).
 Wall time per run, summed over attempts, is kept in OUT/<run>/attempts.json.
+Each finished DDNN run is also scored with BatchNorm statistics re-estimated
+per depth (`ddnn_jax.evaluate --recalibrate-bn 20`, eval_validation_bnrecal20.*).
 Changing the recipe (epochs, width, ...) for an OUT that already holds runs is
 refused: start a new OUT.
 """
@@ -137,12 +139,37 @@ def _check_same_settings(workdir: str, settings: dict) -> None:
       json.dump(settings, f, indent=2)
 
 
-def execute(run: Run, shared: dict, out: str, dry_run: bool) -> None:
+def recalibrate_command(workdir: str, num_batches: int) -> list[str]:
+  return [sys.executable, '-m', 'ddnn_jax.evaluate', f'--workdir={workdir}',
+          f'--recalibrate-bn={num_batches}']
+
+
+def recalibrate(run: Run, workdir: str, num_batches: int, dry_run: bool) -> None:
+  """Scores a finished DDNN run again with per-depth re-calibrated BN statistics
+  (eval_validation_bnrecal<N>.json), once; standalone nets need no such thing."""
+  if run.overrides.get('method') == 'individual' or num_batches <= 0:
+    return
+  if os.path.exists(os.path.join(workdir, f'eval_validation_bnrecal{num_batches}.json')):
+    return
+  cmd = recalibrate_command(workdir, num_batches)
+  print(f'[bn re-calibration] {run.name}: {" ".join(cmd[1:])}', flush=True)
+  if dry_run:
+    return
+  with open(os.path.join(workdir, 'recalibrate.log'), 'a') as log:
+    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+  if proc.returncode != 0:
+    raise SystemExit(f'error: BN re-calibration of {run.name} failed; see '
+                     f'{workdir}/recalibrate.log')
+
+
+def execute(run: Run, shared: dict, out: str, dry_run: bool,
+            recalibrate_batches: int = 0) -> None:
   workdir = os.path.join(out, run.name)
   cmd = command(run, shared, workdir)
   done = os.path.join(workdir, 'DONE.json')
   if os.path.exists(done):
     print(f'[skip] {run.name}: finished', flush=True)
+    recalibrate(run, workdir, recalibrate_batches, dry_run)
     return
   print(f'[run] {run.name}: {" ".join(cmd[1:])}', flush=True)
   if dry_run:
@@ -168,6 +195,7 @@ def execute(run: Run, shared: dict, out: str, dry_run: bool) -> None:
   with open(done, 'w') as f:
     json.dump({'seconds': total, 'attempts': len(attempts), 'command': cmd[1:]}, f, indent=2)
   print(f'[done] {run.name}: {total / 60:.1f} min', flush=True)
+  recalibrate(run, workdir, recalibrate_batches, dry_run)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -184,6 +212,9 @@ def main(argv: list[str] | None = None) -> None:
                       help='any other config field for every run (e.g. ekd.temperature=4)')
   parser.add_argument('--ablations', default='',
                       help=f"one-seed EKD variants to add: 'all' or a comma list of {list(ABLATIONS)}")
+  parser.add_argument('--recalibrate-bn', type=int, default=20, metavar='N',
+                      help='after each DDNN run, also score it with each depth\'s BN '
+                      'statistics re-estimated on N training batches (0: skip)')
   parser.add_argument('--only', help='comma-separated run names to run (default: all)')
   parser.add_argument('--dry-run', action='store_true', help='print the commands only')
   args = parser.parse_args(argv)
@@ -194,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
   runs = plan(args)
   start = time.time()
   for run in runs:
-    execute(run, shared, os.path.abspath(args.out), args.dry_run)
+    execute(run, shared, os.path.abspath(args.out), args.dry_run, args.recalibrate_bn)
   if not args.dry_run:
     print(f'all {len(runs)} runs finished; this invocation took '
           f'{(time.time() - start) / 60:.1f} min', flush=True)

@@ -65,6 +65,9 @@ def load_run(workdir: str) -> dict | None:
   if run['done'] and os.path.exists(eval_path):
     with open(eval_path) as f:
       run['eval'] = json.load(f)
+    for path in glob.glob(os.path.join(workdir, 'eval_validation_bnrecal*.json')):
+      with open(path) as f:
+        run['recalibrated'] = json.load(f)
   return run
 
 
@@ -154,6 +157,21 @@ def markdown(runs: list[dict], agg: dict, out: str) -> str:
       if m:
         lines.append(f'| {g} | {depth_name(depth)} | {m["top5"]["mean"] * 100:.2f} | '
                      f'{m["agreement"]["mean"] * 100:.2f} | {m["kl_to_full"]["mean"]:.4f} |')
+
+  recalibrated = [r for r in runs if 'recalibrated' in r]
+  if recalibrated:
+    batches = recalibrated[0]['recalibrated'].get('bn_recalibration_batches')
+    lines += ['', f'BatchNorm statistics re-estimated per depth on {batches} training '
+              'batches after training (`python -m ddnn_jax.evaluate --recalibrate-bn '
+              f'{batches}`), top-1 before → after:', '',
+              '| run | ' + ' | '.join(depth_name(d) for d in depths) + ' |',
+              '|---|' + '---|' * len(depths)]
+    for run in sorted(recalibrated, key=lambda r: r['name']):
+      before = {tuple(r['depth']): r['top1'] for r in run['eval']['depths']}
+      after = {tuple(r['depth']): r['top1'] for r in run['recalibrated']['depths']}
+      cells = [f'{before[d] * 100:.2f} → {after[d] * 100:.2f}' if d in after else 'n/a'
+               for d in depths]
+      lines.append(f'| {run["name"]} | ' + ' | '.join(cells) + ' |')
 
   lines += ['', 'Wall time per run on this machine (all attempts summed):', '',
             '| run | finished | minutes |', '|---|---|---|']

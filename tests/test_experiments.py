@@ -32,7 +32,7 @@ def _plan(tmp_path, *extra):
   parser_args = _args(tmp_path, *extra)
   runs = []
   original = driver.execute
-  driver.execute = lambda run, shared, out, dry_run: runs.append((run, shared))
+  driver.execute = lambda run, shared, *_: runs.append((run, shared))
   try:
     driver.main(parser_args)
   finally:
@@ -119,6 +119,29 @@ def test_failed_run_resumes_then_is_skipped_and_times_add_up(tmp_path, monkeypat
   assert '[skip] ekd_s0: finished' in capsys.readouterr().out
 
 
+def test_finished_ddnn_runs_are_rescored_with_recalibrated_bn_once(tmp_path, monkeypatch,
+                                                                   capsys):
+  calls = []
+
+  def fake(workdir, num_batches):
+    calls.append((workdir, num_batches))
+    path = f'{workdir}/eval_validation_bnrecal{num_batches}.json'
+    return [sys.executable, '-c', f'open({path!r}, "w").write("{{}}")']
+
+  monkeypatch.setattr(driver, 'recalibrate_command', fake)
+  monkeypatch.setattr(driver, 'command', lambda run, shared, workdir: [
+      sys.executable, '-c', 'pass'])
+  out = str(tmp_path / 'out')
+  ekd = driver.Run('ekd_s0', {'method': 'ekd', 'seed': 0})
+  single = driver.Run('individual_d1_s0', {'method': 'individual', 'seed': 0})
+  for _ in range(2):  # trains and re-scores, then skips both
+    driver.execute(ekd, {}, out, dry_run=False, recalibrate_batches=20)
+    driver.execute(single, {}, out, dry_run=False, recalibrate_batches=20)
+  assert calls == [(str(tmp_path / 'out' / 'ekd_s0'), 20)]
+  assert (tmp_path / 'out' / 'ekd_s0' / 'eval_validation_bnrecal20.json').exists()
+  assert capsys.readouterr().out.count('[bn re-calibration] ekd_s0') == 1
+
+
 def test_changed_recipe_is_refused_for_an_existing_run(tmp_path, monkeypatch):
   monkeypatch.setattr(driver, 'command', lambda run, shared, workdir: [
       sys.executable, '-c', 'raise SystemExit(1)'])
@@ -153,6 +176,9 @@ def test_summary_averages_seeds_and_compares_with_individual(tmp_path):
     for d, t in ((d1, 0.50), (d2, 0.60), (d3, 0.81)):
       _fake_run(out, f'individual_d{d[0]}_s{seed}', [(d, t + shift)])
   _fake_run(out, 'ekd_kl_only_s0', [(d1, 0.66), (d2, 0.74), (d3, 0.80)])
+  recal = [{'depth': list(d), 'top1': t} for d, t in ((d1, 0.64), (d2, 0.73), (d3, 0.82))]
+  (out / 'ekd_s0' / 'eval_validation_bnrecal20.json').write_text(
+      json.dumps({'bn_recalibration_batches': 20, 'depths': recal}))
   unfinished = out / 'ekd_at_p2_s0'
   unfinished.mkdir()
   (unfinished / 'attempts.json').write_text(json.dumps([{'seconds': 30.0}]))
@@ -165,6 +191,8 @@ def test_summary_averages_seeds_and_compares_with_individual(tmp_path):
   assert '| ResNet-20 (3,3,3) | 9,000 | 0.0900 | 79.00 ± 1.41 (n=2) |' in text
   assert '| ekd_kl_only | 66.00 | 74.00 | 80.00 |' in text
   assert '| ekd_at_p2_s0 | no | 0.5 |' in text
+  assert 're-estimated per depth on 20 training batches' in text
+  assert '| ekd_s0 | 60.00 → 64.00 | 70.00 → 73.00 | 80.00 → 82.00 |' in text
   # 10 finished runs of 1 min each plus the unfinished half minute.
   assert '| **total** | | **10.5** |' in text
   dump = json.loads((results / 'cifar10_ekd.json').read_text())
