@@ -193,6 +193,9 @@ def test_summary_averages_seeds_and_compares_with_individual(tmp_path):
   assert '| ekd_at_p2_s0 | no | 0.5 |' in text
   assert 're-estimated per depth on 20 training batches' in text
   assert '| ekd_s0 | 60.00 → 64.00 | 70.00 → 73.00 | 80.00 → 82.00 |' in text
+  # The re-calibrated main table: ekd from its one re-scored seed, individual as is.
+  assert ('| ResNet-8 (1,1,1) | 3,000 | 0.0300 | 64.00 (n=1) | 51.00 ± 1.41 (n=2) | '
+          '+13.00 |') in text
   # 10 finished runs of 1 min each plus the unfinished half minute.
   assert '| **total** | | **10.5** |' in text
   dump = json.loads((results / 'cifar10_ekd.json').read_text())
