@@ -53,6 +53,13 @@ def test_plan_runs_seed_zero_of_every_method_then_ablations_then_other_seeds(tmp
   assert by_name['joint_ce_s0']['method'] == 'joint_ce'
 
 
+def test_default_plan_is_the_reported_study(tmp_path):
+  names = [r.name for r, _ in _plan(tmp_path)]
+  assert names[5:8] == ['ekd_kl_only_s0', 'ekd_at_p2_s0', 'ekd_bn_private_stats_s0']
+  assert len(names) == 12
+  assert [r.name for r, _ in _plan(tmp_path, '--ablations', 'none')] == names[:5] + names[8:]
+
+
 def test_every_run_shares_one_recipe(tmp_path):
   runs = _plan(tmp_path, '--epochs', '2', '--width', '0.25', '--set', 'ekd.temperature=4')
   recipes = {json.dumps(shared, sort_keys=True) for _, shared in runs}
