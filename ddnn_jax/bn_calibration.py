@@ -19,9 +19,6 @@ import jax.numpy as jnp
 from ddnn_jax import mesh as mesh_lib
 from ddnn_jax import models
 
-# The running-average momentum of every BatchNorm layer (models.batch_norm).
-MOMENTUM = models.BN_MOMENTUM
-
 
 def make_batch_stats_step(model: models.DDNNResNet, depth: models.Depth,
                           mesh: jax.sharding.Mesh):
@@ -32,11 +29,12 @@ def make_batch_stats_step(model: models.DDNNResNet, depth: models.Depth,
   layers `depth` does not use come back unchanged (batch = old).
   """
   depth = tuple(depth)
+  m = models.BN_MOMENTUM
 
   def step(variables, images):
     _, updates = model.apply(variables, images, (depth,), True,
                              method=model.forward_depths, mutable=['batch_stats'])
-    return jax.tree.map(lambda new, old: (new - MOMENTUM * old) / (1 - MOMENTUM),
+    return jax.tree.map(lambda new, old: (new - m * old) / (1 - m),
                         updates['batch_stats'], variables['batch_stats'])
 
   return jax.jit(step, in_shardings=(mesh_lib.replicated(mesh),

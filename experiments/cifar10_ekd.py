@@ -145,6 +145,13 @@ def _check_same_settings(workdir: str, settings: dict) -> None:
       json.dump(settings, f, indent=2)
 
 
+def _run_logged(cmd: list[str], log_path: str) -> int:
+  """Runs `cmd` from the repository root, appending its output to `log_path`."""
+  with open(log_path, 'a') as log:
+    return subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                          check=False).returncode
+
+
 def recalibrate_command(workdir: str, num_batches: int) -> list[str]:
   return [sys.executable, '-m', 'ddnn_jax.evaluate', f'--workdir={workdir}',
           f'--recalibrate-bn={num_batches}']
@@ -161,9 +168,7 @@ def recalibrate(run: Run, workdir: str, num_batches: int, dry_run: bool) -> None
   print(f'[bn re-calibration] {run.name}: {" ".join(cmd[1:])}', flush=True)
   if dry_run:
     return
-  with open(os.path.join(workdir, 'recalibrate.log'), 'a') as log:
-    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
-  if proc.returncode != 0:
+  if _run_logged(cmd, os.path.join(workdir, 'recalibrate.log')) != 0:
     raise SystemExit(f'error: BN re-calibration of {run.name} failed; see '
                      f'{workdir}/recalibrate.log')
 
@@ -188,14 +193,13 @@ def execute(run: Run, shared: dict, out: str, dry_run: bool,
     with open(attempts_path) as f:
       attempts = json.load(f)
   start = time.time()
-  with open(os.path.join(workdir, 'train.log'), 'a') as log:
-    proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, check=False)
+  returncode = _run_logged(cmd, os.path.join(workdir, 'train.log'))
   attempts.append({'started': start, 'seconds': time.time() - start,
-                   'returncode': proc.returncode})
+                   'returncode': returncode})
   with open(attempts_path, 'w') as f:
     json.dump(attempts, f, indent=2)
-  if proc.returncode != 0:
-    raise SystemExit(f'error: run {run.name} failed (exit {proc.returncode}); see '
+  if returncode != 0:
+    raise SystemExit(f'error: run {run.name} failed (exit {returncode}); see '
                      f'{workdir}/train.log, fix the cause and rerun this command to resume')
   total = sum(a['seconds'] for a in attempts)
   with open(done, 'w') as f:
