@@ -100,11 +100,18 @@ def evaluate_depths(model: models.DDNNResNet, variables, batches: Iterable[dict]
   return {k: (v if k == 'count' else v / count) for k, v in totals.items()}
 
 
+def make_forward(model: models.DDNNResNet, depth: models.Depth, mesh: jax.sharding.Mesh):
+  """Jitted inference of one depth: (variables, images) -> logits, batch-sharded."""
+  return jax.jit(lambda v, x: model.apply(v, x, depth),
+                 in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)),
+                 out_shardings=mesh_lib.batch_sharding(mesh))
+
+
 def measure_throughput(model: models.DDNNResNet, variables, depth: models.Depth,
                        images: np.ndarray, mesh: jax.sharding.Mesh,
                        min_seconds: float = 1.0) -> float:
   """Images/s of the jitted inference forward of one depth on this machine."""
-  forward = jax.jit(lambda v, x: model.apply(v, x, depth))
+  forward = make_forward(model, depth, mesh)
   images = mesh_lib.global_batch({'image': images}, mesh)['image']
   forward(variables, images).block_until_ready()  # compile and warm up
   runs, start = 0, time.perf_counter()

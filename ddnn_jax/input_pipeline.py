@@ -221,9 +221,34 @@ def get_info(data: ml_collections.ConfigDict, root: str | None = None) -> Datase
   return DatasetInfo(len(class_names), data.image_size, num_examples, class_names)
 
 
+def num_classes(data: ml_collections.ConfigDict) -> int:
+  """The dataset's class count without preparing or reading a TFDS dataset
+  (an image folder is listed: its class folders are the classes)."""
+  _check_name(data.name)
+  if data.name == 'image_folder':
+    return get_info(data).num_classes
+  if data.name == 'digits':
+    builder = digits.DdnnDigits(data_dir=data.data_dir)
+  else:
+    builder = tfds.builder(_TFDS_NAMES[data.name], data_dir=data.data_dir)
+  return builder.info.features['label'].num_classes
+
+
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   """Training steps per epoch; training drops the last partial batch."""
   return num_examples // global_batch_size
+
+
+def batch_spec(image_size: int, global_batch_size: int, *,
+               train: bool) -> dict[str, jax.ShapeDtypeStruct]:
+  """Global shapes and dtypes of the batches `train_batches` (train=True) or
+  `eval_batches` yield: what a program compiled ahead of time receives."""
+  spec = {'image': jax.ShapeDtypeStruct((global_batch_size, image_size, image_size, 3),
+                                        np.float32),
+          'label': jax.ShapeDtypeStruct((global_batch_size,), np.int32)}
+  if not train:
+    spec['mask'] = jax.ShapeDtypeStruct((global_batch_size,), np.bool_)
+  return spec
 
 
 def _train_steps(num_examples: int, global_batch_size: int, split: str) -> int:

@@ -34,6 +34,10 @@ jax[tpu], and runs python -m ddnn_jax.main on all workers at once.
   --spot, --preemptible    create a Spot TPU VM
   --skip-create            the TPU VM exists already
   --delete-after           delete the TPU VM at the end, also when a step fails
+  --aot-check              before anything is created, compile the train and eval
+                           programs for --accelerator-type here, with libtpu
+                           (python -m ddnn_jax.aot, needs pip install -e '.[tpu]');
+                           stop if one does not fit in a chip's HBM
   --preflight CMD          a local check run first, in this checkout; if it fails,
                            nothing is created
   --dry-run                print every command, one per line after '+ ', and run
@@ -47,7 +51,7 @@ EOF
 
 tpu='' zone=us-central2-b project='' accelerator_type=v4-32
 version=tpu-ubuntu2204-base config=configs/imagenet.py workdir='' repo=''
-preflight='' spot=0 skip_create=0 delete_after=0 dry_run=0
+preflight='' aot_check=0 spot=0 skip_create=0 delete_after=0 dry_run=0
 config_flags=''  # ' --config.KEY=VALUE' per --override, quoted for the workers' shell
 
 while (($#)); do
@@ -62,6 +66,7 @@ while (($#)); do
     --workdir) need_value "$@"; workdir=$2; shift ;;
     --repo) need_value "$@"; repo=$2; shift ;;
     --preflight) need_value "$@"; preflight=$2; shift ;;
+    --aot-check) aot_check=1 ;;
     --spot | --preemptible) spot=1 ;;
     --skip-create) skip_create=1 ;;
     --delete-after) delete_after=1 ;;
@@ -136,8 +141,12 @@ if ((!dry_run)); then
   command -v gcloud >/dev/null || fail "gcloud not found on PATH: install the Google Cloud CLI (or use --dry-run)"
 fi
 
-# Preflight: a local check before anything is created (or paid for). Its output
+# Preflight: local checks before anything is created (or paid for). Their output
 # goes to stderr so that a dry run prints commands only.
+if ((aot_check)); then
+  aot="python -m ddnn_jax.aot --config $(quote "$config") --topology $(quote "$accelerator_type")$config_flags"
+  preflight="$aot${preflight:+ && $preflight}"
+fi
 if [[ -n $preflight ]]; then
   show "$preflight"
   (cd "$ROOT" && bash -c "$preflight") >&2 \

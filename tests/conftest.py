@@ -5,8 +5,12 @@ import os
 import pathlib
 import tarfile
 
-import jax
-import pytest
+# The tests run on the CPU. The test extra installs libtpu (for the TPU
+# ahead-of-time compile tests), which would otherwise look for a TPU at start-up.
+os.environ.setdefault('JAX_PLATFORMS', 'cpu')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse',

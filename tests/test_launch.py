@@ -2,9 +2,11 @@
 
 import configparser
 import os
+import re
 import shlex
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -14,9 +16,9 @@ SLURM_GPU = os.path.join(ROOT, 'launch', 'slurm_gpu.sh')
 SCRIPTS = [TPU_POD, SLURM_GPU, os.path.join(ROOT, 'launch', 'common.sh')]
 
 
-def run_script(script, *args, env=None, cwd=ROOT):
+def run_script(script, *args, env=None, cwd=ROOT, timeout=60):
   return subprocess.run(['bash', script, *args], capture_output=True, text=True,
-                        env=env, cwd=cwd, timeout=60)
+                        env=env, cwd=cwd, timeout=timeout)
 
 
 def jax_pin():
@@ -110,6 +112,33 @@ def test_tpu_config_and_overrides_reach_the_workers_intact():
   assert words[words.index('ddnn_jax.main') + 1:] == [
       '--config', 'configs/imagenet.py:smoke', '--workdir', 'gs://bucket/my run',
       '--config.num_epochs=1', f'--config.note={value}']
+
+
+def python_first_on_path():
+  """This interpreter as `python`, as in an activated venv."""
+  env = dict(os.environ)
+  env['PATH'] = os.path.dirname(sys.executable) + os.pathsep + env['PATH']
+  return env
+
+
+def test_tpu_aot_check_compiles_for_the_slice_before_creating_it():
+  base = ['--dry-run', '--tpu', 'my-tpu', '--workdir', 'gs://bucket/run', '--aot-check',
+          '--config', 'configs/imagenet.py:smoke', '--override', 'eval_batch_size=64']
+  passed = run_script(TPU_POD, *base, '--accelerator-type', 'v5litepod-4',
+                      env=python_first_on_path(), timeout=600)
+  assert passed.returncode == 0, passed.stderr[-3000:]
+  aot, create = passed.stdout.splitlines()[:2]
+  assert aot == ('+ python -m ddnn_jax.aot --config configs/imagenet.py:smoke '
+                 '--topology v5litepod-4 --config.eval_batch_size=64')
+  assert 'tpu-vm create my-tpu' in create
+  # The check's report: every program, on the slice the VM would have.
+  assert 'v5litepod-4 (v5e:2x2): 4 chips' in passed.stderr
+  assert re.search(r'\nforward d3-4-6-3 +16 ', passed.stderr)  # 64 images / 4 chips
+  # A slice the check cannot compile for: nothing is created.
+  failed = run_script(TPU_POD, *base, '--accelerator-type', 'v4-33',
+                      env=python_first_on_path(), timeout=600)
+  assert failed.returncode != 0 and 'gcloud' not in failed.stdout
+  assert 'v4-33' in failed.stderr and 'preflight check failed' in failed.stderr
 
 
 @pytest.mark.parametrize('args,message', [

@@ -52,7 +52,7 @@ def run_worker(workdir, *overrides, devices=1, env=None, wait=True):
   env = dict(os.environ, **(env or {}))
   env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
   env['JAX_THREEFRY_PARTITIONABLE'] = '0'  # faster init compile, as in conftest
-  env.pop('JAX_PLATFORMS', None)
+  env['JAX_PLATFORMS'] = 'cpu'
   proc = subprocess.Popen(
       [sys.executable, WORKER, SMOKE, str(workdir), '--config.log_every_steps=1',
        *overrides], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
