@@ -66,17 +66,19 @@ class Chip:
   libtpu_name: str  # the prefix of libtpu topology names
   hbm_bytes: int
   peak_bf16_flops: float  # per chip, per second
+  hbm_bytes_per_second: float
   cores_per_chip: int  # TensorCores per chip: accelerator types count cores
   megacore: bool  # the chip's cores act as one JAX device
   dims: int  # torus dimensions
 
 
+# Per chip: HBM, peak bf16 FLOP/s, HBM bandwidth. Cloud TPU docs:
 # https://cloud.google.com/tpu/docs/v4, /v5e, /v5p-training, /v6e
 CHIPS = {
-    'v4': Chip('v4', 'v4', 32 * GIB, 275e12, 2, True, 3),
-    'v5e': Chip('v5e', 'v5e', 16 * GB, 197e12, 1, False, 2),
-    'v5p': Chip('v5p', 'v5', 95 * GB, 459e12, 2, True, 3),
-    'v6e': Chip('v6e', 'v6e', 32 * GB, 918e12, 1, False, 2),
+    'v4': Chip('v4', 'v4', 32 * GIB, 275e12, 1200e9, 2, True, 3),
+    'v5e': Chip('v5e', 'v5e', 16 * GB, 197e12, 819e9, 1, False, 2),
+    'v5p': Chip('v5p', 'v5', 95 * GB, 459e12, 2765e9, 2, True, 3),
+    'v6e': Chip('v6e', 'v6e', 32 * GB, 918e12, 1640e9, 1, False, 2),
 }
 _CHIP_ALIASES = {'v5litepod': 'v5e', 'v5': 'v5p'}
 # Chips -> the slice shape Cloud TPU gives an accelerator type of that size.
@@ -180,6 +182,7 @@ class Program:
   temp: int = 0
   code: int = 0
   flops: float = 0.0
+  bytes_accessed: float = 0.0  # HBM traffic XLA's cost model expects
   compile_seconds: float = 0.0
   error: str | None = None  # the compiler's reason when it did not compile
 
@@ -210,6 +213,7 @@ def _compile(name: str, batch_field: str, batch_per_chip: int, jitted, *args) ->
                  output=memory.output_size_in_bytes, alias=memory.alias_size_in_bytes,
                  temp=memory.temp_size_in_bytes, code=memory.generated_code_size_in_bytes,
                  flops=float(cost.get('flops', 0.0)),
+                 bytes_accessed=float(cost.get('bytes accessed', 0.0)),
                  compile_seconds=time.perf_counter() - start)
 
 
@@ -326,15 +330,21 @@ class SliceReport:
     return program.error is None and program.total <= self.capacity
 
   def projection(self) -> dict[str, float]:
-    """Step time and throughput at `utilization` of peak bf16 FLOP/s."""
-    step = self.train_step
-    seconds = step.flops / (self.options.utilization * self.slice.chip.peak_bf16_flops)
+    """Step time and throughput at `utilization` of peak bf16 FLOP/s, and the
+    roofline bound: FLOPs at peak or HBM traffic at full bandwidth, the slower."""
+    step, chip = self.train_step, self.slice.chip
+    seconds = step.flops / (self.options.utilization * chip.peak_bf16_flops)
     per_chip = step.batch_per_chip / seconds if seconds else 0.0
     slice_rate = per_chip * self.slice.num_chips
+    roofline = max(step.flops / chip.peak_bf16_flops,
+                   step.bytes_accessed / chip.hbm_bytes_per_second)
     result = {'step_seconds': seconds, 'images_per_second_per_chip': per_chip,
               'images_per_second': slice_rate,
               'epoch_seconds': self.train_examples / slice_rate if slice_rate else 0.0,
-              'flops_per_image': step.flops / step.batch_per_chip}
+              'flops_per_image': step.flops / step.batch_per_chip,
+              'roofline_step_seconds': roofline,
+              'roofline_images_per_second_per_chip':
+                  step.batch_per_chip / roofline if roofline else 0.0}
     if self.baseline is not None and self.baseline.flops:
       result['flops_vs_full_net_alone'] = step.flops / self.baseline.flops
     return result
@@ -344,6 +354,7 @@ class SliceReport:
             'chip': self.slice.chip.name, 'chips': self.slice.num_chips,
             'hbm_bytes': self.slice.chip.hbm_bytes,
             'peak_bf16_flops': self.slice.chip.peak_bf16_flops,
+            'hbm_bytes_per_second': self.slice.chip.hbm_bytes_per_second,
             'global_batch': self.global_batch, 'utilization': self.options.utilization,
             'capacity_bytes': self.capacity,
             'train_examples': self.train_examples,
@@ -473,6 +484,11 @@ def format_report(report: SliceReport) -> str:
         f'img/s per chip, {proj["images_per_second"]:,.0f} img/s for the slice, '
         f'{proj["epoch_seconds"]:,.1f} s per epoch of {report.train_examples:,} images; '
         f'{proj["flops_per_image"] / 1e9:.3g} GFLOP per training image')
+    lines.append(
+        f'roofline bound (FLOPs at peak, {report.train_step.bytes_accessed / 1e9:.3g} GB '
+        f'of HBM traffic at {chip.hbm_bytes_per_second / 1e9:.0f} GB/s): '
+        f'{proj["roofline_step_seconds"] * 1e3:.3g} ms per step, at most '
+        f'{proj["roofline_images_per_second_per_chip"]:,.0f} img/s per chip')
     if 'flops_vs_full_net_alone' in proj:
       lines.append(f'train step FLOPs / full net alone: {proj["flops_vs_full_net_alone"]:.2f}x')
   if report.max_batch_per_chip is not None:

@@ -151,6 +151,10 @@ def test_projection_and_method_cost(smoke_report):
       programs['train_step'].flops / (0.5 * chip.peak_bf16_flops))
   assert proj['images_per_second'] == pytest.approx(4 * proj['images_per_second_per_chip'])
   assert proj['epoch_seconds'] == pytest.approx(1437 / proj['images_per_second'])
+  step = programs['train_step']
+  assert step.bytes_accessed > 0
+  assert proj['roofline_step_seconds'] == pytest.approx(max(
+      step.flops / chip.peak_bf16_flops, step.bytes_accessed / chip.hbm_bytes_per_second))
   # EKD runs three depths forward and backward: more than the full net alone,
   # less than three full nets.
   assert 1.2 < proj['flops_vs_full_net_alone'] < 3
