@@ -54,7 +54,7 @@ from ddnn_jax import (
 )
 from ddnn_jax import mesh as mesh_lib
 
-GB, GIB = 10**9, 2**30
+GIB = 2**30
 INSTALL_HINT = ("install it with pip install -e '.[tpu]' (jax[tpu] at the pinned jax "
                 'version: libtpu, about 700 MB)')
 
@@ -64,7 +64,7 @@ class Chip:
   """One TPU generation: what a chip holds and computes (Cloud TPU docs)."""
   name: str  # as in accelerator types: v4, v5e, v5p, v6e
   libtpu_name: str  # the prefix of libtpu topology names
-  hbm_bytes: int
+  hbm_bytes: int  # what the compiler lets a program use (a little below nominal)
   peak_bf16_flops: float  # per chip, per second
   hbm_bytes_per_second: float
   cores_per_chip: int  # TensorCores per chip: accelerator types count cores
@@ -72,13 +72,16 @@ class Chip:
   dims: int  # torus dimensions
 
 
-# Per chip: HBM, peak bf16 FLOP/s, HBM bandwidth. Cloud TPU docs:
-# https://cloud.google.com/tpu/docs/v4, /v5e, /v5p-training, /v6e
+# Per chip: usable HBM, peak bf16 FLOP/s and HBM bandwidth. Usable HBM is what
+# libtpu 0.0.42's compiler reports as available ("exceeds available HBM"; the
+# nominal 32 GiB / 16 GiB / 95 GiB / 32 GiB less its reservation), checked by
+# tests/test_aot.py; peak and bandwidth from the Cloud TPU docs,
+# https://cloud.google.com/tpu/docs/v4, /v5e, /v5p-training, /v6e.
 CHIPS = {
-    'v4': Chip('v4', 'v4', 32 * GIB, 275e12, 1200e9, 2, True, 3),
-    'v5e': Chip('v5e', 'v5e', 16 * GB, 197e12, 819e9, 1, False, 2),
-    'v5p': Chip('v5p', 'v5', 95 * GB, 459e12, 2765e9, 2, True, 3),
-    'v6e': Chip('v6e', 'v6e', 32 * GB, 918e12, 1640e9, 1, False, 2),
+    'v4': Chip('v4', 'v4', int(30.75 * GIB), 275e12, 1200e9, 2, True, 3),
+    'v5e': Chip('v5e', 'v5e', int(15.75 * GIB), 197e12, 819e9, 1, False, 2),
+    'v5p': Chip('v5p', 'v5', int(95.74 * GIB), 459e12, 2765e9, 2, True, 3),
+    'v6e': Chip('v6e', 'v6e', int(31.25 * GIB), 918e12, 1640e9, 1, False, 2),
 }
 _CHIP_ALIASES = {'v5litepod': 'v5e', 'v5': 'v5p'}
 # Chips -> the slice shape Cloud TPU gives an accelerator type of that size.

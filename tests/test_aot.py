@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -165,6 +166,24 @@ def test_projection_and_method_cost(smoke_report):
   assert saved['chips'] == 4 and saved['method'] == 'ekd' and len(saved['programs']) == 6
 
 
+@pytest.mark.parametrize('topology', ['v4-8', 'v5e:2x2', 'v5p-8', 'v6e:2x2'])
+def test_usable_hbm_is_what_the_compiler_allows(topology):
+  # A program far too big for any chip: the compiler names the HBM it allows.
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+
+  slice_ = aot.parse_topology(topology)
+  mesh = aot.mesh_lib.create_mesh(aot.topology_devices(slice_))
+  x = jax.ShapeDtypeStruct((4 * 100_000,), jnp.float32,
+                           sharding=aot.mesh_lib.batch_sharding(mesh))
+  program = aot._compile('outer', 'batch_size', 100_000,
+                         jax.jit(lambda v: (jnp.sin(jnp.outer(v, v)) @ jnp.cos(
+                             jnp.outer(v, v))).sum()), x)
+  assert program.error is not None
+  (available,) = re.findall(r'available HBM \(([\d.]+)G\)', program.error)
+  assert int(float(available) * aot.GIB) == slice_.chip.hbm_bytes
+
+
 def compile_step(topology, global_batch):
   config = smoke_config(batch_size=global_batch)
   mesh = aot.mesh_lib.create_mesh(aot.topology_devices(aot.parse_topology(topology)))
@@ -190,7 +209,7 @@ def test_flops_are_per_chip():
 
 
 def test_cli_exits_non_zero_when_a_program_does_not_fit(tmp_path):
-  # The smoke net needs ~70 MiB per chip; allow a ten-thousandth of v5e's HBM.
+  # The smoke net needs ~60 MiB per chip; allow a ten-thousandth of v5e's HBM.
   out = tmp_path / 'report.json'
   result = subprocess.run(
       [sys.executable, '-m', 'ddnn_jax.aot', '--config', SMOKE, '--topology', 'v5e:2x2',
@@ -201,4 +220,5 @@ def test_cli_exits_non_zero_when_a_program_does_not_fit(tmp_path):
   (error,) = [x for x in result.stderr.splitlines() if x.startswith('error:')]
   assert 'train_step' in error and 'v5e:2x2' in error and '--config.batch_size' in error
   (saved,) = json.loads(out.read_text())
-  assert saved['capacity_bytes'] == 1_600_000 and not saved['programs'][0]['fits']
+  assert saved['capacity_bytes'] == int(aot.CHIPS['v5e'].hbm_bytes * 0.0001)
+  assert not saved['programs'][0]['fits']
