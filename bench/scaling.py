@@ -59,37 +59,55 @@ def measure(out: pathlib.Path, configs, topologies, evals: set[str], max_batch: 
         os.replace(path.with_suffix('.tmp'), path)
 
 
-def _fmt_seconds(seconds: float) -> str:
+def _duration(seconds: float) -> str:
   return f'{seconds / 60:.1f} min' if seconds >= 60 else f'{seconds:.0f} s'
 
 
-def table(out: pathlib.Path) -> str:
-  """One row per (config, topology) from the JSON files in `out`."""
-  rows = ['| config | slice | chips | batch/chip | train step GiB/chip (of HBM) | '
-          'eval step GiB/chip | train GFLOP/step/chip | GFLOP/image | img/s/chip | '
-          'img/s slice | ImageNet epoch | EKD / full net alone | largest batch/chip |',
-          '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
-  for config in CONFIGS:
-    for path in sorted(out.glob(f'{pathlib.Path(config).stem}_*.json'),
-                       key=lambda p: (p.stem.split('_')[-1][:2], json.loads(
-                           p.read_text())[0]['chips'])):
-      for r in json.loads(path.read_text()):
-        programs = {p['name']: p for p in r['programs']}
-        step, proj = programs['train_step'], r['projection']
-        eval_step = programs.get('eval_step')
-        gib = 2**30
-        rows.append(
-            f'| {pathlib.Path(config).name} | {r["topology"]} | {r["chips"]} | '
-            f'{step["batch_per_chip"]} | {step["total"] / gib:.2f} '
-            f'({step["total"] / r["hbm_bytes"]:.0%}) | '
-            + (f'{eval_step["total"] / gib:.2f}' if eval_step else '-') + ' | '
-            f'{step["flops"] / 1e9:,.0f} | {proj["flops_per_image"] / 1e9:.1f} | '
-            f'{proj["images_per_second_per_chip"]:,.0f} | {proj["images_per_second"]:,.0f} | '
-            f'{_fmt_seconds(proj["epoch_seconds"])} | '
-            + (f'{proj["flops_vs_full_net_alone"]:.2f}x' if 'flops_vs_full_net_alone' in proj
-               else '-') + ' | '
-            + (str(r['max_batch_per_chip']) if r.get('max_batch_per_chip') else '-') + ' |')
-  return '\n'.join(rows)
+def _reports(out: pathlib.Path):
+  """(config, report) for every JSON in `out`, by config, chip and slice size.
+  Files are named <config stem>_<topology>; topologies hold no underscore."""
+  stems = {pathlib.Path(c).stem: c for c in CONFIGS}
+  found = []
+  for path in out.glob('*.json'):
+    config = stems.get(path.stem.rsplit('_', 1)[0])
+    if config:
+      found += [(config, r) for r in json.loads(path.read_text())]
+  return sorted(found, key=lambda cr: (CONFIGS.index(cr[0]), cr[1]['chip'], cr[1]['chips']))
+
+
+def table(out: pathlib.Path, utilization: float) -> str:
+  """The SCALING.md tables from the JSON files in `out`, projected at `utilization`."""
+  from ddnn_jax import aot  # noqa: PLC0415 -- jax only for the table
+
+  gib = 2**30
+  train = ['| config | slice | chips | batch/chip | train step GiB/chip (% of usable HBM) | '
+           'GFLOP/step/chip | GFLOP/image | img/s/chip | img/s slice | ImageNet epoch | '
+           'roofline img/s/chip | EKD step / full net alone |',
+           '|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|']
+  evals = ['| config | slice | program | batch/chip | GiB/chip | GFLOP/step/chip |',
+           '|---|---|---|---:|---:|---:|']
+  for config, r in _reports(out):
+    chip = aot.CHIPS[r['chip']]
+    programs = {p['name']: p for p in r['programs']}
+    step, proj = programs['train_step'], r['projection']
+    scale = utilization / r['utilization']  # throughput is linear in the utilisation
+    roofline = (f'{proj["roofline_images_per_second_per_chip"]:,.0f}'
+                if 'roofline_images_per_second_per_chip' in proj else 'n/a')
+    ratio = (f'{proj["flops_vs_full_net_alone"]:.2f}x'
+             if 'flops_vs_full_net_alone' in proj else '-')
+    name = pathlib.Path(config).name
+    train.append(
+        f'| {name} | {r["topology"]} | {r["chips"]} | {step["batch_per_chip"]} | '
+        f'{step["total"] / gib:.2f} ({step["total"] / chip.hbm_bytes:.0%}) | '
+        f'{step["flops"] / 1e9:,.0f} | {proj["flops_per_image"] / 1e9:.1f} | '
+        f'{proj["images_per_second_per_chip"] * scale:,.0f} | '
+        f'{proj["images_per_second"] * scale:,.0f} | '
+        f'{_duration(proj["epoch_seconds"] / scale)} | {roofline} | {ratio} |')
+    for p in r['programs']:
+      if p['name'] not in ('train_step', 'full_net_alone'):
+        evals.append(f'| {name} | {r["topology"]} | {p["name"]} | {p["batch_per_chip"]} | '
+                     f'{p["total"] / gib:.2f} | {p["flops"] / 1e9:,.0f} |')
+  return '\n'.join(train) + '\n\n' + '\n'.join(evals)
 
 
 def main(argv=None) -> int:
@@ -100,11 +118,12 @@ def main(argv=None) -> int:
   parser.add_argument('--eval', action='append', metavar='CONFIG@TOPOLOGY',
                       help='default: ' + ', '.join(f'{c}@v5litepod-256' for c in CONFIGS))
   parser.add_argument('--max-batch', action='append', default=[], metavar='CONFIG@TOPOLOGY')
-  parser.add_argument('--utilization', type=float, default=0.35)
+  parser.add_argument('--utilization', type=float, default=0.3,
+                      help='projections are rescaled to it from the stored ones')
   parser.add_argument('--table', action='store_true', help='print the tables and exit')
   args = parser.parse_args(argv)
   if args.table:
-    print(table(args.out))
+    print(table(args.out, args.utilization))
     return 0
   evals = args.eval or [f'{c}@v5litepod-256' for c in CONFIGS]
   measure(args.out, args.config or CONFIGS, args.topology or TOPOLOGIES, set(evals),

@@ -1,7 +1,7 @@
 """Ahead-of-time compilation of the real programs for a TPU slice, on any machine.
 
   python -m ddnn_jax.aot --config configs/imagenet.py --topology v5e:16x16
-      [--topology v4-32 ...] [--utilization 0.35] [--find_max_batch]
+      [--topology v4-32 ...] [--utilization 0.3] [--find_max_batch]
       [--json FILE] [--config.batch_size=4096 ...]
 
 No TPU is needed: libtpu (`pip install -e '.[tpu]'`) describes the slice's
@@ -293,7 +293,10 @@ def full_net_alone(config):
 @dataclasses.dataclass(frozen=True)
 class Options:
   """What to compile and how to judge it."""
-  utilization: float = 0.35  # fraction of peak bf16 FLOP/s the projection assumes
+  # Fraction of peak bf16 FLOP/s the projection assumes. 0.3: MLPerf Training
+  # v1.0's ResNet-50 on TPU v4 (3,453 img/s per chip) at this codebase's 24.1
+  # GFLOP per training image is 30% of v4's 275 TFLOP/s (docs/SCALING.md).
+  utilization: float = 0.3
   hbm_fraction: float = 1.0  # share of a chip's HBM a program may use
   baseline: bool = True  # also the full net alone, for the method's relative cost
   eval_programs: bool = True  # also the eval step and each depth's forward

@@ -1,5 +1,6 @@
 """Ahead-of-time compilation for TPU slices (libtpu compiles here, on the CPU)."""
 
+import importlib.util
 import json
 import os
 import re
@@ -222,3 +223,22 @@ def test_cli_exits_non_zero_when_a_program_does_not_fit(tmp_path):
   (saved,) = json.loads(out.read_text())
   assert saved['capacity_bytes'] == int(aot.CHIPS['v5e'].hbm_bytes * 0.0001)
   assert not saved['programs'][0]['fits']
+
+
+def test_scaling_table_reads_the_reports(smoke_report, tmp_path):
+  spec = importlib.util.spec_from_file_location('scaling', os.path.join(ROOT, 'bench',
+                                                                         'scaling.py'))
+  scaling = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(scaling)
+  saved = smoke_report.to_json()
+  (tmp_path / scaling.json_name('configs/imagenet.py', 'v5e:2x2')).write_text(
+      json.dumps([saved]))
+  train, evals = scaling.table(tmp_path, utilization=0.25).split('\n\n')
+  (row,) = train.splitlines()[2:]
+  cells = [c.strip() for c in row.strip('|').split('|')]
+  assert cells[:4] == ['imagenet.py', 'v5e:2x2', '4', '8']
+  # Projections are rescaled from the report's 50% to the asked-for 25%.
+  per_chip = saved['projection']['images_per_second_per_chip'] / 2
+  assert cells[7] == f'{per_chip:,.0f}'
+  assert cells[-1] == f'{saved["projection"]["flops_vs_full_net_alone"]:.2f}x'
+  assert len(evals.splitlines()) == 2 + 4  # the eval step and three forwards
