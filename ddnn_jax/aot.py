@@ -44,13 +44,13 @@ from ml_collections import config_flags
 
 from ddnn_jax import (
     costs,
-  evaluate,
-  input_pipeline,
-  methods,
-  models,
-  optim,
-  train,
-  train_state,
+    evaluate,
+    input_pipeline,
+    methods,
+    models,
+    optim,
+    train,
+    train_state,
 )
 from ddnn_jax import mesh as mesh_lib
 
@@ -61,7 +61,7 @@ INSTALL_HINT = ("install it with pip install -e '.[tpu]' (jax[tpu] at the pinned
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-  """One TPU generation: what a chip holds and computes (Cloud TPU docs)."""
+  """One TPU generation: what a chip holds and computes."""
   name: str  # as in accelerator types: v4, v5e, v5p, v6e
   libtpu_name: str  # the prefix of libtpu topology names
   hbm_bytes: int  # what the compiler lets a program use (a little below nominal)
@@ -108,26 +108,27 @@ class Slice:
   num_chips: int
 
 
+def _chip(family: str, name: str) -> Chip:
+  chip = CHIPS.get(_CHIP_ALIASES.get(family, family))
+  if chip is None:
+    raise AotError(f'unknown TPU generation {family!r} in --topology={name}; use one of '
+                   f'{", ".join(CHIPS)}')
+  return chip
+
+
 def parse_topology(name: str) -> Slice:
   """'v5e:16x16' (libtpu) or 'v4-32' / 'v5litepod-256' (accelerator type)."""
-  known = ', '.join(CHIPS)
   if m := re.fullmatch(r'(v\w+?):(\d+(?:x\d+)+)', name):
-    family, shape = m.groups()
-    chip = CHIPS.get(_CHIP_ALIASES.get(family, family))
-    if chip is None:
-      raise AotError(f'unknown TPU generation {family!r} in --topology={name}; use one of {known}')
+    chip, shape = _chip(m.group(1), name), m.group(2)
     sizes = [int(n) for n in shape.split('x')]
     if len(sizes) != chip.dims:
       raise AotError(f'--topology={name}: {chip.name} slices have {chip.dims} dimensions, '
                      f'e.g. {chip.name}:{_SHAPES[chip.dims][16]}')
     return Slice(name, chip, f'{chip.libtpu_name}:{shape}', math.prod(sizes))
   if m := re.fullmatch(r'(v\w+?)-(\d+)', name):
-    family, count = m.group(1), int(m.group(2))
-    chip = CHIPS.get(_CHIP_ALIASES.get(family, family))
-    if chip is None:
-      raise AotError(f'unknown TPU generation {family!r} in --topology={name}; use one of {known}')
-    chips, rest = divmod(count, chip.cores_per_chip)
-    shape = _SHAPES[chip.dims].get(chips) if not rest else None
+    chip = _chip(m.group(1), name)
+    chips, rest = divmod(int(m.group(2)), chip.cores_per_chip)
+    shape = None if rest else _SHAPES[chip.dims].get(chips)
     if shape is None:
       sizes = ', '.join(f'{chip.name}-{n * chip.cores_per_chip}' for n in _SHAPES[chip.dims])
       raise AotError(f'--topology={name} is not a slice size this tool knows ({sizes}); '
@@ -204,7 +205,7 @@ def _compile(name: str, batch_field: str, batch_per_chip: int, jitted, *args) ->
   except Exception as e:  # noqa: BLE001 -- XLA raises one type for every reason
     message = str(e)
     if not _OOM.search(message):
-      raise
+      raise AotError(f'{name} does not compile: {message.strip().splitlines()[0][:300]}') from e
     return Program(name, batch_field, batch_per_chip,
                    compile_seconds=time.perf_counter() - start,
                    error=' '.join(message.split())[:400])
@@ -258,7 +259,8 @@ def compile_train_step(config, mesh, num_classes: int, train_examples: int,
   abstract, sharding = train_state.state_shardings(method.model, method.depths, tx,
                                                    (size, size, 3), mesh)
   step = train.make_train_step(method, tx, schedule, sharding, mesh)
-  return _compile(name, 'batch_size', global_batch // mesh.size, step, _with_shardings(abstract, sharding),
+  return _compile(name, 'batch_size', global_batch // mesh.size, step,
+                  _with_shardings(abstract, sharding),
                   _batch(size, global_batch, mesh, train=True))
 
 
