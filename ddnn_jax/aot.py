@@ -344,12 +344,15 @@ class SliceReport:
     seconds = step.flops / (self.options.utilization * chip.peak_bf16_flops)
     per_chip = step.batch_per_chip / seconds if seconds else 0.0
     slice_rate = per_chip * self.slice.num_chips
-    roofline = max(step.flops / chip.peak_bf16_flops,
-                   step.bytes_accessed / chip.hbm_bytes_per_second)
+    at_peak = step.flops / chip.peak_bf16_flops
+    roofline = max(at_peak, step.bytes_accessed / chip.hbm_bytes_per_second)
     result = {'step_seconds': seconds, 'images_per_second_per_chip': per_chip,
               'images_per_second': slice_rate,
               'epoch_seconds': self.train_examples / slice_rate if slice_rate else 0.0,
               'flops_per_image': step.flops / step.batch_per_chip,
+              'peak_step_seconds': at_peak,
+              'peak_images_per_second_per_chip':
+                  step.batch_per_chip / at_peak if at_peak else 0.0,
               'roofline_step_seconds': roofline,
               'roofline_images_per_second_per_chip':
                   step.batch_per_chip / roofline if roofline else 0.0}
@@ -493,9 +496,11 @@ def format_report(report: SliceReport) -> str:
         f'{proj["epoch_seconds"]:,.1f} s per epoch of {report.train_examples:,} images; '
         f'{proj["flops_per_image"] / 1e9:.3g} GFLOP per training image')
     lines.append(
-        f'roofline bound (FLOPs at peak, {report.train_step.bytes_accessed / 1e9:.3g} GB '
-        f'of HBM traffic at {chip.hbm_bytes_per_second / 1e9:.0f} GB/s): '
-        f'{proj["roofline_step_seconds"] * 1e3:.3g} ms per step, at most '
+        f'at 100% of peak: {proj["peak_step_seconds"] * 1e3:.3g} ms, '
+        f'{proj["peak_images_per_second_per_chip"]:,.0f} img/s per chip; roofline bound '
+        f'(also {report.train_step.bytes_accessed / 1e9:.3g} GB of HBM traffic at '
+        f'{chip.hbm_bytes_per_second / 1e9:.0f} GB/s): '
+        f'{proj["roofline_step_seconds"] * 1e3:.3g} ms, at most '
         f'{proj["roofline_images_per_second_per_chip"]:,.0f} img/s per chip')
     if 'flops_vs_full_net_alone' in proj:
       lines.append(f'train step FLOPs / full net alone: {proj["flops_vs_full_net_alone"]:.2f}x')

@@ -154,6 +154,8 @@ def test_projection_and_method_cost(smoke_report):
   assert proj['images_per_second'] == pytest.approx(4 * proj['images_per_second_per_chip'])
   assert proj['epoch_seconds'] == pytest.approx(1437 / proj['images_per_second'])
   step = programs['train_step']
+  assert proj['peak_images_per_second_per_chip'] == pytest.approx(
+      2 * proj['images_per_second_per_chip'])  # 100% of peak against 50%
   assert step.bytes_accessed > 0
   assert proj['roofline_step_seconds'] == pytest.approx(max(
       step.flops / chip.peak_bf16_flops, step.bytes_accessed / chip.hbm_bytes_per_second))
