@@ -456,8 +456,11 @@ def check_slice(config, slice_: Slice, options: Options = Options(),
                               'dtype': config.model.dtype,
                               'depths': [list(d) for d in depths]})
   if options.max_batch:
+    compiled = {programs[0].batch_per_chip: programs[0]}  # the config's own batch
+
     def measure(per_chip: int) -> int | None:
-      program = compile_train_step(config, mesh, classes, examples, per_chip * mesh.size)
+      program = compiled.get(per_chip) or compile_train_step(
+          config, mesh, classes, examples, per_chip * mesh.size)
       log(f'  per-chip train batch {per_chip}: '
           + ('out of memory' if program.error else f'{program.total / GIB:.2f} GiB'))
       return None if program.error else program.total
