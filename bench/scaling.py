@@ -78,7 +78,7 @@ def _reports(out: pathlib.Path):
 
 def table(out: pathlib.Path, utilization: float) -> str:
   """The SCALING.md tables from the JSON files in `out`, projected at `utilization`."""
-  from ddnn_jax import aot  # noqa: PLC0415 -- jax only for the table
+  from ddnn_jax.tpu_slices import CHIPS  # noqa: PLC0415
 
   gib = 2**30
   train = ['| config | slice | chips | batch/chip | train step GiB/chip (% of usable HBM) | '
@@ -88,7 +88,7 @@ def table(out: pathlib.Path, utilization: float) -> str:
   evals = ['| config | slice | program | batch/chip | GiB/chip | GFLOP/step/chip |',
            '|---|---|---|---:|---:|---:|']
   for config, r in _reports(out):
-    chip = aot.CHIPS[r['chip']]
+    chip = CHIPS[r['chip']]
     programs = {p['name']: p for p in r['programs']}
     step, proj = programs['train_step'], r['projection']
     scale = utilization / r['utilization']  # throughput is linear in the utilisation

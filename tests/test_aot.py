@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from ddnn_jax import aot, evaluate, input_pipeline
+from ddnn_jax import aot, evaluate, input_pipeline, tpu_slices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'imagenet.py') + ':smoke'
@@ -36,7 +36,7 @@ def smoke_config(**overrides):
     ('v6e-16', 'v6e:4x4', 16),
 ])
 def test_parse_topology(name, topology, chips):
-  slice_ = aot.parse_topology(name)
+  slice_ = tpu_slices.parse_topology(name)
   assert (slice_.topology, slice_.num_chips) == (topology, chips)
 
 
@@ -49,7 +49,7 @@ def test_parse_topology(name, topology, chips):
 ])
 def test_bad_topologies_are_named(name, message):
   with pytest.raises(aot.AotError, match=message):
-    aot.parse_topology(name)
+    tpu_slices.parse_topology(name)
 
 
 def affine_measure(fixed, per_image, capacity, oom_above=None):
@@ -106,11 +106,11 @@ def test_batch_spec_matches_the_pipeline(tmp_path):
 
 
 def test_missing_libtpu_says_how_to_install(monkeypatch):
-  real = aot.importlib.util.find_spec
-  monkeypatch.setattr(aot.importlib.util, 'find_spec',
+  real = tpu_slices.importlib.util.find_spec
+  monkeypatch.setattr(tpu_slices.importlib.util, 'find_spec',
                       lambda name, *a: None if name == 'libtpu' else real(name, *a))
   with pytest.raises(aot.AotError, match=r"pip install -e '\.\[tpu\]'"):
-    aot.topology_devices(aot.parse_topology('v5e:2x2'))
+    tpu_slices.topology_devices(tpu_slices.parse_topology('v5e:2x2'))
 
 
 def test_cli_bad_input_is_one_line():
@@ -175,8 +175,8 @@ def test_usable_hbm_is_what_the_compiler_allows(topology):
   import jax  # noqa: PLC0415
   import jax.numpy as jnp  # noqa: PLC0415
 
-  slice_ = aot.parse_topology(topology)
-  mesh = aot.mesh_lib.create_mesh(aot.topology_devices(slice_))
+  slice_ = tpu_slices.parse_topology(topology)
+  mesh = aot.mesh_lib.create_mesh(tpu_slices.topology_devices(slice_))
   x = jax.ShapeDtypeStruct((4 * 100_000,), jnp.float32,
                            sharding=aot.mesh_lib.batch_sharding(mesh))
   program = aot._compile('outer', 'batch_size', 100_000,
@@ -184,12 +184,12 @@ def test_usable_hbm_is_what_the_compiler_allows(topology):
                              jnp.outer(v, v))).sum()), x)
   assert program.error is not None
   (available,) = re.findall(r'available HBM \(([\d.]+)G\)', program.error)
-  assert int(float(available) * aot.GIB) == slice_.chip.hbm_bytes
+  assert int(float(available) * tpu_slices.GIB) == slice_.chip.hbm_bytes
 
 
 def compile_step(topology, global_batch):
   config = smoke_config(batch_size=global_batch)
-  mesh = aot.mesh_lib.create_mesh(aot.topology_devices(aot.parse_topology(topology)))
+  mesh = aot.mesh_lib.create_mesh(tpu_slices.topology_devices(tpu_slices.parse_topology(topology)))
   return aot.compile_train_step(config, mesh, 10, 1437, global_batch)
 
 
@@ -222,7 +222,7 @@ def test_cli_exits_non_zero_when_a_program_does_not_fit(tmp_path):
   (error,) = [x for x in result.stderr.splitlines() if x.startswith('error:')]
   assert 'train_step' in error and 'v5e:2x2' in error and '--config.batch_size' in error
   (saved,) = json.loads(out.read_text())
-  assert saved['capacity_bytes'] == int(aot.CHIPS['v5e'].hbm_bytes * 0.0001)
+  assert saved['capacity_bytes'] == int(tpu_slices.CHIPS['v5e'].hbm_bytes * 0.0001)
   assert not saved['programs'][0]['fits']
 
 
