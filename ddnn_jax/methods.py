@@ -36,7 +36,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.
     stage_sizes = base.check_depth(config.individual_depth)
   return models.create_model(
       m.name, num_classes, width_multiplier=m.width_multiplier, bn_mode=m.bn_mode,
-      dtype=m.dtype, zero_init_residual=m.zero_init_residual, stage_sizes=stage_sizes)
+      dtype=m.dtype, zero_init_residual=m.zero_init_residual,
+      conv_impl=m.get('conv_impl', 'xla'), stage_sizes=stage_sizes)
 
 
 def train_depths(config: ml_collections.ConfigDict,

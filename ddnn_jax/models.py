@@ -25,6 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ddnn_jax import onednn_conv
+
 Depth = tuple[int, ...]
 
 BN_MODES = ('shared', 'private_stats', 'private_all')
@@ -165,11 +167,13 @@ class ResidualBlock(nn.Module):
   bn_mode: str
   dtype: Any
   zero_init_residual: bool
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, *, train: bool, tag: str | None):
-    conv = functools.partial(nn.Conv, use_bias=False, dtype=self.dtype,
-                             kernel_init=_conv_init)
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=self.dtype, kernel_init=_conv_init,
+        conv_general_dilated=onednn_conv.conv_general_dilated(self.conv_impl))
     norm = functools.partial(batch_norm, mode=self.bn_mode, tag=tag, train=train,
                              dtype=self.dtype)
     last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
@@ -202,12 +206,15 @@ class Stem(nn.Module):
   width: int
   bn_mode: str
   dtype: Any
+  conv_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, images, *, train: bool, tag: str | None):
     x = images.astype(self.dtype)
-    conv = functools.partial(nn.Conv, self.width, use_bias=False, dtype=self.dtype,
-                             kernel_init=_conv_init, name='conv')
+    conv = functools.partial(
+        nn.Conv, self.width, use_bias=False, dtype=self.dtype, kernel_init=_conv_init,
+        conv_general_dilated=onednn_conv.conv_general_dilated(self.conv_impl),
+        name='conv')
     if self.kind == 'imagenet':
       x = conv((7, 7), (2, 2), ((3, 3), (3, 3)))(x)
     else:
@@ -237,6 +244,9 @@ class DDNNResNet(nn.Module):
   bn_mode: str = 'shared'
   dtype: Any = jnp.float32
   zero_init_residual: bool = False
+  # Convolution kernels: 'xla', 'onednn' or 'auto' (oneDNN on a one-device CPU
+  # process, XLA elsewhere); see ddnn_jax.onednn_conv.
+  conv_impl: str = 'xla'
 
   @property
   def full_depth(self) -> Depth:
@@ -268,9 +278,9 @@ class DDNNResNet(nn.Module):
         blocks[s, b] = ResidualBlock(
             self.block, self._width(self.widths[s]),
             2 if (b == 0 and s > 0) else 1, self.bn_mode, self.dtype,
-            self.zero_init_residual, name=f'stage{s + 1}_block{b}')
+            self.zero_init_residual, self.conv_impl, name=f'stage{s + 1}_block{b}')
     stem = Stem(self.stem, self._width(self.stem_width), self.bn_mode, self.dtype,
-                name='stem')
+                self.conv_impl, name='stem')
     head = nn.Dense(self.num_classes, dtype=self.dtype, name='head')
 
     # Activations keyed by (blocks run so far, norm tag): a block that every
@@ -299,7 +309,7 @@ class DDNNResNet(nn.Module):
 
 def create_model(name: str, num_classes: int, *, width_multiplier: float = 1.0,
                  bn_mode: str = 'shared', dtype: Any = jnp.float32,
-                 zero_init_residual: bool = False,
+                 zero_init_residual: bool = False, conv_impl: str = 'xla',
                  stage_sizes: Sequence[int] | None = None) -> DDNNResNet:
   """The preset ``name``; ``stage_sizes`` builds the standalone net of a cut depth."""
   preset = get_preset(name)
@@ -311,11 +321,13 @@ def create_model(name: str, num_classes: int, *, width_multiplier: float = 1.0,
     raise ValueError(f'num_classes must be a positive integer, got {num_classes!r}')
   if stage_sizes is not None:
     stage_sizes = validate_depth(stage_sizes, preset.stage_sizes)
+  onednn_conv.conv_general_dilated(conv_impl)  # validates the name
   return DDNNResNet(
       block=preset.block, stage_sizes=tuple(stage_sizes or preset.stage_sizes),
       stem=preset.stem, widths=preset.widths, stem_width=preset.stem_width,
       num_classes=num_classes, width_multiplier=width_multiplier,
-      bn_mode=bn_mode, dtype=jnp.dtype(dtype), zero_init_residual=zero_init_residual)
+      bn_mode=bn_mode, dtype=jnp.dtype(dtype), zero_init_residual=zero_init_residual,
+      conv_impl=conv_impl)
 
 
 def init_variables(model: DDNNResNet, rng: jax.Array, images: jax.Array,
