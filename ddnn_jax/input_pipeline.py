@@ -103,6 +103,10 @@ def default_data_config(name: str = 'digits') -> ml_collections.ConfigDict:
   data.std = (255.0, 255.0, 255.0)  # per-channel std in 0..255 units
   data.shuffle_buffer = 16_384  # streaming path only: examples
   data.prefetch = 2  # batches prepared ahead of the trainer
+  # image_folder of equal-size images: decode every image once into a uint8
+  # array cached beside the extracted tar (CIFAR-10: 150 MB, decoded in ~10 s,
+  # loaded in ~1 s), instead of decoding each JPEG in every epoch. Same pixels.
+  data.decode_once = True
   # Streaming path only: keep this process's shard in memory after the first
   # epoch. In-memory sources ignore it (image folders: the OS caches files).
   data.cache = False
@@ -199,7 +203,12 @@ def _in_memory_split(data: ml_collections.ConfigDict, split: str,
     if split not in splits:
       raise ValueError(f'image_folder root {root or data.root} has no split {split!r}; '
                        f'available: {sorted(splits)}')
-    return splits[split]
+    source = splits[split]
+    if data.get('decode_once', False):
+      images = image_folder.decoded_images(source.paths, data.data_dir)
+      if images is not None:  # same pixels as decoding each file when it is used
+        return _Split(source.labels, images=images)
+    return source
   if data.name == 'imagenet2012':
     raise ValueError('imagenet2012 does not fit in memory; set --config.data.in_memory=False')
   return _tfds_split(data.name, data.data_dir, split)

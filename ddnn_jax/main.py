@@ -22,6 +22,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and eval results.')
 config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
                                 lock_config=True)
+flags.DEFINE_string(
+    'compilation_cache_dir', os.path.join(runtime.default_cache_dir(), 'xla'),
+    "JAX's persistent compilation cache ('' turns it off); reruns and resumes "
+    'load their programs from it instead of compiling again.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -52,6 +56,7 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
   initialize_distributed()
+  runtime.enable_compilation_cache(FLAGS.compilation_cache_dir)
   logging.info('process %d of %d, %d local / %d global devices (%s)',
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count(), jax.default_backend())

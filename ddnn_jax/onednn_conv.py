@@ -37,6 +37,8 @@ import numpy as np
 from absl import logging
 from jax import lax
 
+from ddnn_jax import runtime
+
 IMPLS = ('auto', 'xla', 'onednn')
 _SOURCE = os.path.join(os.path.dirname(__file__), 'csrc', 'onednn_conv.cc')
 _TARGETS = {'forward': 'DdnnConvForward', 'input_grad': 'DdnnConvInputGrad',
@@ -62,11 +64,6 @@ def _onednn_prefix() -> str:
       "--config.model.conv_impl=xla")
 
 
-def cache_dir() -> str:
-  return os.environ.get('DDNN_JAX_CACHE_DIR') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'ddnn_jax')
-
-
 def _build() -> str:
   """Compiles the FFI library once per (source, jaxlib, oneDNN) and returns its path."""
   prefix = _onednn_prefix()
@@ -77,10 +74,10 @@ def _build() -> str:
         '--config.model.conv_impl=xla')
   with open(_SOURCE, 'rb') as f:
     digest = hashlib.sha256(f.read() + jax.__version__.encode() + prefix.encode())
-  path = os.path.join(cache_dir(), f'onednn_conv-{digest.hexdigest()[:16]}.so')
+  path = os.path.join(runtime.default_cache_dir(), f'onednn_conv-{digest.hexdigest()[:16]}.so')
   if os.path.exists(path):
     return path
-  os.makedirs(cache_dir(), exist_ok=True)
+  os.makedirs(runtime.default_cache_dir(), exist_ok=True)
   tmp = f'{path}.{os.getpid()}.tmp'
   command = [compiler, '-O3', '-std=c++17', '-shared', '-fPIC',
              f'-I{jax.ffi.include_dir()}', f'-I{os.path.join(prefix, "include")}',

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from typing import Any
 
 import jax
@@ -122,8 +123,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info('resumed from step %d', int(state.step))
   start_step = int(state.step)
 
-  train_step = make_train_step(method, tx, schedule, state_sharding, mesh)
-  eval_step = evaluate.make_eval_step(method.model, method.depths, mesh)
+  train_step, eval_step = _compile_steps(
+      make_train_step(method, tx, schedule, state_sharding, mesh),
+      evaluate.make_eval_step(method.model, method.depths, mesh), state, config,
+      info.image_size, mesh)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -172,6 +175,26 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   eval_metrics, step=int(state.step), label=config.data.eval_split,
                   sample_images=next(iter(eval_batches()))['image'], mesh=mesh)
   return eval_metrics
+
+
+def _compile_steps(train_step, eval_step, state: TrainState,
+                   config: ml_collections.ConfigDict, image_size: int,
+                   mesh: jax.sharding.Mesh):
+  """Compiles the train and eval programs (every depth) before step 1, so that
+  shape and memory errors appear at once; logs how long each took (with JAX's
+  persistent cache, a rerun loads them instead)."""
+  def spec(batch_size, train):
+    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh_lib.batch_sharding(mesh))
+            for k, v in input_pipeline.batch_spec(image_size, batch_size,
+                                                  train=train).items()}
+
+  start = time.perf_counter()
+  train_step = train_step.lower(state, spec(config.batch_size, True)).compile()
+  middle = time.perf_counter()
+  eval_step = eval_step.lower(state.variables, spec(config.eval_batch_size, False)).compile()
+  logging.info('compiled the train step in %.1f s and the eval step in %.1f s',
+               middle - start, time.perf_counter() - middle)
+  return train_step, eval_step
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict:

@@ -16,7 +16,7 @@ import tensorflow_datasets as tfds
 from conftest import CIFAR_CLASSES
 
 from ddnn_jax import input_pipeline
-from ddnn_jax.datasets import digits
+from ddnn_jax.datasets import digits, image_folder
 
 
 @pytest.fixture(scope='module')
@@ -221,6 +221,39 @@ def test_image_folder_train_batches(cifar_roots):
             for i in range(2)]
   np.testing.assert_array_equal(np.concatenate([h['image'] for h in halves]),
                                 whole['image'])
+
+
+def test_decode_once_gives_the_pixels_of_per_file_decoding(cifar_roots, tmp_path):
+  """Real CIFAR JPEGs: the cached uint8 array feeds the same batches, train and eval."""
+  def batches(decode_once):
+    data = folder_config(cifar_roots[0], augment='crop_flip', decode_once=decode_once,
+                         data_dir=str(tmp_path / 'cache'))
+    train = input_pipeline.train_batches(data, global_batch_size=32, seed=3, start_step=9)
+    return ([next(train) for _ in range(3)],
+            list(input_pipeline.eval_batches(data, global_batch_size=32)))
+
+  lazy = batches(False)
+  assert not (tmp_path / 'cache' / 'image_folder_decoded').exists()
+  cold, warm = batches(True), batches(True)  # decodes, then loads the .npy
+  assert len(list((tmp_path / 'cache' / 'image_folder_decoded').iterdir())) == 2
+  for got in (cold, warm):
+    for want_part, got_part in zip(lazy, got, strict=True):
+      for want_batch, got_batch in zip(want_part, got_part, strict=True):
+        for key in want_batch:
+          np.testing.assert_array_equal(got_batch[key], want_batch[key])
+
+
+def test_decode_once_leaves_mixed_sizes_to_per_file_decoding(tmp_path):
+  rng = np.random.default_rng(0)
+  for i, size in enumerate((6, 6, 7, 6)):
+    path = tmp_path / 'root' / 'train' / ('cat' if i % 2 else 'dog') / f'{i}.png'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(tf.io.encode_png(
+        rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).numpy())
+  paths = np.asarray(sorted(str(p) for p in (tmp_path / 'root').rglob('*.png')))
+  assert image_folder.decoded_images(paths, str(tmp_path / 'cache')) is None
+  same = image_folder.decoded_images(paths[:3], str(tmp_path / 'cache'))
+  assert same.shape == (3, 6, 6, 3) and same.dtype == np.uint8
 
 
 def test_image_folder_scores_another_root(cifar_roots, tmp_path):
