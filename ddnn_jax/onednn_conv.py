@@ -127,9 +127,11 @@ def _attrs(strides, padding):
               pad_right=np.int64(pr))
 
 
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
 def _xla_conv(x, w, strides, padding):
-  return lax.conv_general_dilated(x, w, strides, padding,
-                                  dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  return lax.conv_general_dilated(x, w, strides, padding, dimension_numbers=_NHWC)
 
 
 def _ffi(target, out_shape, *args, strides, padding):
@@ -167,10 +169,8 @@ def _conv_bwd(strides, padding, residuals, dy):
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
-_NHWC = ('NHWC', 'HWIO', 'NHWC')
 
-
-def _supported(x, w, strides, padding, lhs_dilation, rhs_dilation, dimension_numbers,
+def _supported(x, w, strides, lhs_dilation, rhs_dilation, dimension_numbers,
                feature_group_count) -> bool:
   if x.dtype != jnp.float32 or w.dtype != jnp.float32 or x.ndim != 4:
     return False
@@ -186,7 +186,7 @@ def _supported(x, w, strides, padding, lhs_dilation, rhs_dilation, dimension_num
 def _onednn_general(x, w, window_strides: Sequence[int], padding, lhs_dilation=None,
                     rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                     precision=None):
-  if not _supported(x, w, window_strides, padding, lhs_dilation, rhs_dilation,
+  if not _supported(x, w, window_strides, lhs_dilation, rhs_dilation,
                     dimension_numbers, feature_group_count):
     return lax.conv_general_dilated(
         x, w, window_strides, padding, lhs_dilation=lhs_dilation,
