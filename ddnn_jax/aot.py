@@ -109,8 +109,8 @@ def _with_shardings(abstract, shardings):
 
 
 def _batch(image_size: int, global_batch: int, mesh, *, train: bool) -> dict:
-  spec = input_pipeline.batch_spec(image_size, global_batch, train=train)
-  return _with_shardings(spec, {k: mesh_lib.batch_sharding(mesh) for k in spec})
+  return mesh_lib.sharded_batch_spec(
+      input_pipeline.batch_spec(image_size, global_batch, train=train), mesh)
 
 
 def _num_classes(config) -> int:

@@ -39,6 +39,15 @@ def check_batch_size(global_batch_size: int, mesh: jax.sharding.Mesh, name: str)
         f'mesh; set --config.{name} to a multiple of {devices}')
 
 
+def sharded_batch_spec(spec: dict[str, jax.ShapeDtypeStruct],
+                       mesh: jax.sharding.Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """A batch's global shapes (`input_pipeline.batch_spec`) placed as
+  `global_batch` places the real batch: what a program is compiled for."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding)
+          for k, v in spec.items()}
+
+
 def global_batch(local: dict[str, np.ndarray], mesh: jax.sharding.Mesh) -> dict[str, jax.Array]:
   """This process's rows of a batch -> global arrays sharded over the data axis."""
   sharding = batch_sharding(mesh)

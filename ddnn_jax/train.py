@@ -184,9 +184,8 @@ def _compile_steps(train_step, eval_step, state: TrainState,
   shape and memory errors appear at once; logs how long each took (with JAX's
   persistent cache, a rerun loads them instead)."""
   def spec(batch_size, train):
-    return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=mesh_lib.batch_sharding(mesh))
-            for k, v in input_pipeline.batch_spec(image_size, batch_size,
-                                                  train=train).items()}
+    return mesh_lib.sharded_batch_spec(
+        input_pipeline.batch_spec(image_size, batch_size, train=train), mesh)
 
   start = time.perf_counter()
   train_step = train_step.lower(state, spec(config.batch_size, True)).compile()

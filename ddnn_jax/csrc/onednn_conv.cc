@@ -67,6 +67,22 @@ dnnl::convolution_forward::primitive_desc ForwardDesc(const Geometry& g) {
       g.padding_r);
 }
 
+// A backward primitive (data or weights) of the convolution `g`, with the
+// forward one as oneDNN's hint.
+template <typename PrimitiveDesc>
+PrimitiveDesc BackwardDesc(const Geometry& g) {
+  return PrimitiveDesc(
+      Engine(), dnnl::algorithm::convolution_direct,
+      memory::desc(g.src, dt::f32, tag::nhwc), memory::desc(g.weights, dt::f32, tag::any),
+      memory::desc(g.dst, dt::f32, tag::nhwc), g.strides, g.dilates, g.padding_l,
+      g.padding_r, ForwardDesc(g));
+}
+
+// An NHWC activation buffer of XLA's, as oneDNN memory of logical dims `dims`.
+memory Nhwc(const memory::dims& dims, float* data) {
+  return memory(memory::desc(dims, dt::f32, tag::nhwc), Engine(), data);
+}
+
 // What one cached convolution needs: the primitive and its kernel layout.
 struct Entry {
   dnnl::primitive primitive;
@@ -129,8 +145,8 @@ ffi::Error ConvForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
       return Entry{dnnl::convolution_forward(pd), pd.weights_desc()};
     });
     Run(entry,
-        {{DNNL_ARG_SRC, memory(memory::desc(g.src, dt::f32, tag::nhwc), Engine(), x.typed_data())},
-         {DNNL_ARG_DST, memory(memory::desc(g.dst, dt::f32, tag::nhwc), Engine(), y->typed_data())}},
+        {{DNNL_ARG_SRC, Nhwc(g.src, x.typed_data())},
+         {DNNL_ARG_DST, Nhwc(g.dst, y->typed_data())}},
         DNNL_ARG_WEIGHTS, g, w.typed_data(), /*kernel_is_output=*/false);
   });
 }
@@ -144,17 +160,12 @@ ffi::Error ConvInputGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     Geometry g = MakeGeometry(x, w, dy.dimensions(), stride_h, stride_w, pad_top,
                               pad_bottom, pad_left, pad_right);
     Entry& entry = Cached(g.Key("bwd_data"), [&] {
-      auto hint = ForwardDesc(g);
-      dnnl::convolution_backward_data::primitive_desc pd(
-          Engine(), dnnl::algorithm::convolution_direct,
-          memory::desc(g.src, dt::f32, tag::nhwc), memory::desc(g.weights, dt::f32, tag::any),
-          memory::desc(g.dst, dt::f32, tag::nhwc), g.strides, g.dilates, g.padding_l,
-          g.padding_r, hint);
+      auto pd = BackwardDesc<dnnl::convolution_backward_data::primitive_desc>(g);
       return Entry{dnnl::convolution_backward_data(pd), pd.weights_desc()};
     });
     Run(entry,
-        {{DNNL_ARG_DIFF_DST, memory(memory::desc(g.dst, dt::f32, tag::nhwc), Engine(), dy.typed_data())},
-         {DNNL_ARG_DIFF_SRC, memory(memory::desc(g.src, dt::f32, tag::nhwc), Engine(), dx->typed_data())}},
+        {{DNNL_ARG_DIFF_DST, Nhwc(g.dst, dy.typed_data())},
+         {DNNL_ARG_DIFF_SRC, Nhwc(g.src, dx->typed_data())}},
         DNNL_ARG_WEIGHTS, g, w.typed_data(), /*kernel_is_output=*/false);
   });
 }
@@ -168,17 +179,12 @@ ffi::Error ConvKernelGradImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
     Geometry g = MakeGeometry(x, w, dy.dimensions(), stride_h, stride_w, pad_top,
                               pad_bottom, pad_left, pad_right);
     Entry& entry = Cached(g.Key("bwd_weights"), [&] {
-      auto hint = ForwardDesc(g);
-      dnnl::convolution_backward_weights::primitive_desc pd(
-          Engine(), dnnl::algorithm::convolution_direct,
-          memory::desc(g.src, dt::f32, tag::nhwc), memory::desc(g.weights, dt::f32, tag::any),
-          memory::desc(g.dst, dt::f32, tag::nhwc), g.strides, g.dilates, g.padding_l,
-          g.padding_r, hint);
+      auto pd = BackwardDesc<dnnl::convolution_backward_weights::primitive_desc>(g);
       return Entry{dnnl::convolution_backward_weights(pd), pd.diff_weights_desc()};
     });
     Run(entry,
-        {{DNNL_ARG_SRC, memory(memory::desc(g.src, dt::f32, tag::nhwc), Engine(), x.typed_data())},
-         {DNNL_ARG_DIFF_DST, memory(memory::desc(g.dst, dt::f32, tag::nhwc), Engine(), dy.typed_data())}},
+        {{DNNL_ARG_SRC, Nhwc(g.src, x.typed_data())},
+         {DNNL_ARG_DIFF_DST, Nhwc(g.dst, dy.typed_data())}},
         DNNL_ARG_DIFF_WEIGHTS, g, dw->typed_data(), /*kernel_is_output=*/true);
   });
 }
