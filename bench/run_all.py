@@ -17,6 +17,9 @@ JSON keys (null plus `<key>_skipped` with the reason when not measurable;
     (width 1.0 / 0.5, depths 1,1,1 2,2,2 3,3,3, batch 128, fp32, one synthetic
     batch), alternating N JAX steps and N torch steps for R rounds;
     ekd_<w>_{jax,torch}_img_s and _round_medians_ms: throughputs, round medians.
+    ekd_train_vs_torch_<w>_kept_memory: the same against PyTorch run with the
+    glibc malloc setting ddnn_jax uses (runtime.keep_freed_host_memory), which
+    speeds PyTorch up too; ekd_<w>_torch_kept_*: its numbers.
   peer_loss_abs_diff: |JAX - peer EKD loss| on the same variables and batch,
     checked before timing (largest of both widths); the run stops above 1e-4.
   eval_vs_torch: the same for the full net's eval forward (width 1.0, batch 256).
@@ -123,6 +126,11 @@ def vs_torch(ctx, kind: str, width: float, batch: int, key: str, prefix: str,
       timed['torch'] = start('torch', '--variables', variables)
       ready['torch'] = timed['torch'].receive(READY_TIMEOUT)
       check(ready['jax'], ready['torch'])
+      if kind == 'train':  # PyTorch given ddnn_jax's malloc setting too
+        timed['torch_kept'] = stack.enter_context(Worker(
+            f'torch-kept-{name}', ['torch-train', *args, '--variables', variables,
+                                   '--keep-freed-host-memory'], ctx.log_dir))
+        ready['torch_kept'] = timed['torch_kept'].receive(READY_TIMEOUT)
     times = {k: [] for k in timed}
     for _ in range(rounds):
       for k, worker in timed.items():
@@ -136,7 +144,10 @@ def vs_torch(ctx, kind: str, width: float, batch: int, key: str, prefix: str,
     out.update({f'{prefix}_{k}_{field}': v for field, v in ready[k].items() if field != 'ready'})
   if 'torch' not in times:
     return {**out, **skipped(ctx.torch_reason, key, f'{prefix}_torch_img_s')}
-  return {**out, key: out[f'{prefix}_torch_step_ms'] / out[f'{prefix}_jax_step_ms']}
+  out[key] = out[f'{prefix}_torch_step_ms'] / out[f'{prefix}_jax_step_ms']
+  if 'torch_kept' in times:
+    out[f'{key}_kept_memory'] = out[f'{prefix}_torch_kept_step_ms'] / out[f'{prefix}_jax_step_ms']
+  return out
 
 
 def ekd_train_vs_torch(ctx, width: float) -> dict:
@@ -283,6 +294,10 @@ TABLES = (  # (title, header, rows); a cell is text, or 'key:format' of a result
        'ekd_w1_torch_img_s:.1f', 'ekd_train_vs_torch_w1:.2f', 'peer_loss_abs_diff_w1:.1e'),
       ('EKD train step, width 0.5, batch 128', 'ekd_w05_jax_img_s:.1f',
        'ekd_w05_torch_img_s:.1f', 'ekd_train_vs_torch_w05:.2f', 'peer_loss_abs_diff_w05:.1e'),
+      ('same, width 1.0, PyTorch with the same malloc setting', 'ekd_w1_jax_img_s:.1f',
+       'ekd_w1_torch_kept_img_s:.1f', 'ekd_train_vs_torch_w1_kept_memory:.2f', ''),
+      ('same, width 0.5, PyTorch with the same malloc setting', 'ekd_w05_jax_img_s:.1f',
+       'ekd_w05_torch_kept_img_s:.1f', 'ekd_train_vs_torch_w05_kept_memory:.2f', ''),
       ('eval forward (full net), width 1.0, batch 256', 'eval_w1_jax_img_s:.1f',
        'eval_w1_torch_img_s:.1f', 'eval_vs_torch:.2f', 'eval_w1_torch_logits_max_abs_diff:.1e'))),
     ('Fused EKD step against three separately jitted single-depth steps: median ms, '

@@ -53,6 +53,9 @@ def main():
       target[leaf] = ast.literal_eval(value)
     except (ValueError, SyntaxError):
       target[leaf] = value
+  # The process settings python -m ddnn_jax.main makes, before JAX starts.
+  runtime.keep_freed_host_memory()
+  runtime.configure_cpu_threads(config.model.get('conv_impl', 'xla'))
   mesh = mesh_lib.create_mesh()
   method = methods.create_method(config, args.num_classes)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch=100)

@@ -89,12 +89,15 @@ def plain(tree):
 # ------------------------------------------------------------------- JAX side
 
 
-def import_jax():
-  """jax, after the project's XLA flags (they must be set before it starts)."""
+def import_jax(conv_impl: str = 'xla'):
+  """jax, after the process settings python -m ddnn_jax.main makes for a config
+  with `conv_impl` (they must be made before jax starts)."""
   if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
   from ddnn_jax import runtime
   runtime.configure_xla_flags()
+  runtime.keep_freed_host_memory()  # as python -m ddnn_jax.main does by default
+  runtime.configure_cpu_threads(conv_impl)
   import jax
   return jax
 
@@ -120,7 +123,7 @@ class TrainProgram:
   """The train step built exactly as training does (bench/train_step.py), compiled."""
 
   def __init__(self, config, images: np.ndarray, labels: np.ndarray):
-    jax = import_jax()
+    jax = import_jax(config.model.conv_impl)
     from ddnn_jax import mesh as mesh_lib
     from ddnn_jax import methods, optim
     from ddnn_jax.train import make_train_step
@@ -178,7 +181,7 @@ def jax_train(args) -> None:
 
 
 def jax_eval(args) -> None:
-  jax = import_jax()
+  jax = import_jax('auto')  # the config's conv_impl
   from ddnn_jax import evaluate, methods, models
   from ddnn_jax import mesh as mesh_lib
   images, _ = synthetic_batch(args.batch)
@@ -203,6 +206,11 @@ def jax_eval(args) -> None:
 
 
 def torch_peer(args):
+  if args.keep_freed_host_memory:  # the same glibc setting as the JAX side
+    if ROOT not in sys.path:
+      sys.path.insert(0, ROOT)
+    from ddnn_jax import runtime
+    runtime.keep_freed_host_memory()
   import torch
   import torch_peer as peer_lib  # bench/ is sys.path[0]
   threads = len(os.sched_getaffinity(0))
@@ -320,7 +328,7 @@ def matmul(args) -> None:
 
 
 def compile_programs(args) -> None:
-  jax = import_jax()
+  jax = import_jax('auto')  # the config's conv_impl
   jax.config.update('jax_compilation_cache_dir', args.cache_dir)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
@@ -422,6 +430,8 @@ def main() -> None:
   parser.add_argument('--steps', type=int, default=3)
   parser.add_argument('--rounds', type=int, default=3)
   parser.add_argument('--variables', help='torch-*: the JAX server\'s variables file')
+  parser.add_argument('--keep-freed-host-memory', action='store_true',
+                      help='torch-*: glibc malloc set up as ddnn_jax sets it for itself')
   parser.add_argument('--variables-out', help='jax-train/jax-eval: where to write them')
   parser.add_argument('--tar', help='pipeline: the CIFAR-10 JPEG tar')
   parser.add_argument('--warmup', type=int, default=5, help='pipeline: batches not timed')
