@@ -41,6 +41,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.ekd.attention = 'zscore_sum'  # or 'at_p2'
   config.ekd.stages = 'all'  # or 'last'
   config.ekd.stop_gradient = True  # the teacher learns from cross-entropy only
+  config.ekd.student_ce = 1.0  # weight of the sub-nets' own cross-entropy
+  config.ekd.rampup_epochs = 0.0  # sigmoid ramp-up of alpha and beta (0: none)
 
   config.data = input_pipeline.default_data_config('digits')
 

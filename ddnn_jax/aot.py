@@ -134,8 +134,8 @@ def _train_examples(config) -> int:
 def compile_train_step(config, mesh, num_classes: int, train_examples: int,
                        global_batch: int, name: str = 'train_step') -> Program:
   """The trainer's jitted step for `config`, lowered from abstract shapes."""
-  method = methods.create_method(config, num_classes)
   steps_per_epoch = max(1, input_pipeline.steps_per_epoch(train_examples, global_batch))
+  method = methods.create_method(config, num_classes, steps_per_epoch)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch)
   size = config.data.image_size
   abstract, sharding = train_state.state_shardings(method.model, method.depths, tx,

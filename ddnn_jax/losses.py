@@ -2,12 +2,15 @@
 
 For labels y, full-net logits z_f and sub-net logits z_k:
 
-  L = CE(z_f, y) + sum_k [ CE(z_k, y)
-                          + alpha * T^2 * KL(softmax(z_f / T) || softmax(z_k / T))
-                          + beta * sum_{s in S} D(A(F_k^s), A(F_f^s)) ]
+  L = CE(z_f, y) + sum_k [ gamma * CE(z_k, y)
+                          + r(t) * alpha * T^2 * KL(softmax(z_f / T) || softmax(z_k / T))
+                          + r(t) * beta * sum_{s in S} D(A(F_k^s), A(F_f^s)) ]
 
-where A is an attention map of a stage's output and D its distance. Every term
-is computed in float32 and reported per depth.
+where A is an attention map of a stage's output, D its distance, gamma the
+sub-nets' CE weight (`student_ce`; 0 with T = 1 and beta = 0 is the in-place
+distillation of weight-shared sub-nets) and r(t) the sigmoid ramp-up of the
+KD terms over the first `rampup_epochs` (1 without one). Every term is
+computed in float32 and reported per depth.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class EKDConfig:
   attention: str = 'zscore_sum'  # one of ATTENTION_KINDS
   stages: str = 'all'  # one of STAGE_SETS
   stop_gradient: bool = True  # the teacher's logits and maps get no gradient
+  student_ce: float = 1.0  # weight of the sub-nets' own cross-entropy
+  rampup_epochs: float = 0.0  # sigmoid ramp-up of the KD terms (0: none)
 
   def __post_init__(self):
     if self.attention not in ATTENTION_KINDS:
@@ -43,10 +48,18 @@ class EKDConfig:
       raise ValueError(f'unknown stages {self.stages!r}; choose one of {STAGE_SETS}')
     if not self.temperature > 0:
       raise ValueError(f'temperature must be > 0, got {self.temperature}')
-    for name in ('alpha', 'beta'):
+    for name in ('alpha', 'beta', 'student_ce', 'rampup_epochs'):
       value = getattr(self, name)
       if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f'{name} must be a finite number >= 0, got {value}')
+
+
+def sigmoid_rampup(step: jax.Array, rampup_steps: int) -> jax.Array:
+  """exp(-5 (1 - t)^2) for t = step / rampup_steps < 1, then 1 (Laine & Aila, 2017)."""
+  if rampup_steps <= 0:
+    return jnp.ones((), jnp.float32)
+  t = jnp.clip(jnp.asarray(step, jnp.float32) / rampup_steps, 0.0, 1.0)
+  return jnp.exp(-5.0 * jnp.square(1.0 - t))
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -98,14 +111,16 @@ def attention_distance(student_features: jax.Array, teacher_features: jax.Array,
 
 def ekd_loss(outputs: Sequence[models.DepthOutput], depths: Sequence[models.Depth],
              labels: jax.Array, teacher_depth: models.Depth,
-             config: EKDConfig = EKDConfig()) -> tuple[jax.Array, dict[str, jax.Array]]:
+             config: EKDConfig = EKDConfig(), kd_scale: jax.Array | float = 1.0
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """EKD objective over the outputs of ``model.forward_depths(images, depths)``.
 
   Returns the total loss and a dict of every term (terms with a zero weight are
   reported but not added), keyed
   ``'<depth tag>/<term>'`` with terms ``ce``, ``kl``, ``at``, ``at_stage<s>``
   (stages from 1) and ``loss`` (the depth's weighted sum). The teacher has only
-  ``ce`` and ``loss``.
+  ``ce`` and ``loss``. ``kd_scale`` multiplies alpha and beta (the ramp-up's
+  r(t)).
   """
   depths = [tuple(d) for d in depths]
   teacher_depth = tuple(teacher_depth)
@@ -130,6 +145,8 @@ def ekd_loss(outputs: Sequence[models.DepthOutput], depths: Sequence[models.Dept
     ce = cross_entropy(output.logits, labels)
     terms[f'{tag}/ce'] = ce
     loss = ce
+    if depth != teacher_depth and config.student_ce != 1.0:
+      loss = config.student_ce * ce
     if depth != teacher_depth:
       kl = kl_divergence(teacher_logits, output.logits, config.temperature)
       at = jnp.zeros((), jnp.float32)
@@ -143,9 +160,9 @@ def ekd_loss(outputs: Sequence[models.DepthOutput], depths: Sequence[models.Dept
       # A zero weight drops the term from the loss (it is still reported), so a
       # non-finite KD term cannot leak into a CE-only objective.
       if config.alpha:
-        loss = loss + config.alpha * kl
+        loss = loss + kd_scale * config.alpha * kl
       if config.beta:
-        loss = loss + config.beta * at
+        loss = loss + kd_scale * config.beta * at
     terms[f'{tag}/loss'] = loss
     total = total + loss
   return total, terms

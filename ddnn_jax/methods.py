@@ -16,7 +16,8 @@ from ddnn_jax import losses, models
 
 METHODS = ('ekd', 'joint_ce', 'individual')
 
-Objective = Callable[[Sequence[models.DepthOutput], jax.Array],
+# (outputs of forward_depths, labels, step) -> (loss, terms)
+Objective = Callable[[Sequence[models.DepthOutput], jax.Array, jax.Array],
                      tuple[jax.Array, dict[str, jax.Array]]]
 
 
@@ -53,7 +54,9 @@ def train_depths(config: ml_collections.ConfigDict,
   return (*depths, model.full_depth)
 
 
-def create_method(config: ml_collections.ConfigDict, num_classes: int) -> Method:
+def create_method(config: ml_collections.ConfigDict, num_classes: int,
+                  steps_per_epoch: int | None = None) -> Method:
+  """The method of `config`; `steps_per_epoch` is needed by a KD ramp-up only."""
   if config.method not in METHODS:
     raise ValueError(
         f'unknown method {config.method!r}; set --config.method to one of {METHODS}')
@@ -61,9 +64,19 @@ def create_method(config: ml_collections.ConfigDict, num_classes: int) -> Method
   depths = train_depths(config, model)
   ekd = losses.EKDConfig(**config.ekd.to_dict())
   if config.method == 'joint_ce':
-    ekd = dataclasses.replace(ekd, alpha=0.0, beta=0.0)
+    ekd = dataclasses.replace(ekd, alpha=0.0, beta=0.0, student_ce=1.0, rampup_epochs=0.0)
+  rampup_steps = 0
+  if ekd.rampup_epochs:
+    if steps_per_epoch is None:
+      raise ValueError('ekd.rampup_epochs needs steps_per_epoch in create_method')
+    rampup_steps = max(1, round(ekd.rampup_epochs * steps_per_epoch))
 
-  def objective(outputs, labels):
-    return losses.ekd_loss(outputs, depths, labels, model.full_depth, ekd)
+  def objective(outputs, labels, step):
+    kd_scale = losses.sigmoid_rampup(step, rampup_steps)
+    loss, terms = losses.ekd_loss(outputs, depths, labels, model.full_depth, ekd,
+                                  kd_scale=kd_scale)
+    if rampup_steps:
+      terms['kd_scale'] = kd_scale
+    return loss, terms
 
   return Method(model, depths, objective)

@@ -32,11 +32,11 @@ def make_train_step(method: methods.Method, tx: optax.GradientTransformation,
   """Jitted (state, batch) -> (state, metrics); every depth runs in this one step."""
   model, depths = method.model, method.depths
 
-  def loss_fn(params, batch_stats, batch):
+  def loss_fn(params, batch_stats, batch, step):
     outputs, updates = model.apply(
         {'params': params, 'batch_stats': batch_stats}, batch['image'], depths, True,
         method=model.forward_depths, mutable=['batch_stats'])
-    loss, terms = method.objective(outputs, batch['label'])
+    loss, terms = method.objective(outputs, batch['label'], step)
     for depth, output in zip(depths, outputs):
       correct = jnp.argmax(output.logits, -1) == batch['label']
       terms[f'{models.depth_tag(depth)}/accuracy'] = correct.mean()
@@ -44,7 +44,8 @@ def make_train_step(method: methods.Method, tx: optax.GradientTransformation,
 
   def step(state: TrainState, batch):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (terms, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch)
+    (loss, (terms, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch,
+                                                       state.step)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -100,13 +101,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh_lib.check_batch_size(config.batch_size, mesh, 'batch_size')
   mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   info = _dataset_info(config.data)
-  method = methods.create_method(config, info.num_classes)
   train_examples = info.num_examples[config.data.train_split]
   steps_per_epoch = input_pipeline.steps_per_epoch(train_examples, config.batch_size)
   if steps_per_epoch < 1:
     raise ValueError(
         f'batch_size={config.batch_size} exceeds the {train_examples} training '
         'examples; lower --config.batch_size')
+  method = methods.create_method(config, info.num_classes, steps_per_epoch)
   num_steps = max(1, optim.epochs_to_steps(config.num_epochs, steps_per_epoch))
   every = lambda epochs: max(1, optim.epochs_to_steps(epochs, steps_per_epoch))  # noqa: E731
   tx, schedule = optim.create_optimizer(config, steps_per_epoch)

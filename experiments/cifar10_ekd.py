@@ -46,6 +46,14 @@ ABLATIONS = {
     'ekd_kl_only': {'ekd.beta': 0.0},
     'ekd_no_stop_grad': {'ekd.stop_gradient': False},
     'joint_ce_bn_private_stats': {'method': 'joint_ce', 'model.bn_mode': 'private_stats'},
+    'ekd_last_stage': {'ekd.stages': 'last'},
+    'ekd_rampup1': {'ekd.rampup_epochs': 1.0},
+    'ekd_rampup5': {'ekd.rampup_epochs': 5.0},
+    'ekd_kl_only_rampup1': {'ekd.beta': 0.0, 'ekd.rampup_epochs': 1.0},
+    # In-place distillation of weight-shared sub-nets (US-Nets, BigNAS): the
+    # full net's T = 1 predictions are the sub-nets' targets, teacher detached.
+    'inplace_kd': {'ekd.beta': 0.0, 'ekd.temperature': 1.0, 'ekd.student_ce': 0.0},
+    'inplace_kd_ce': {'ekd.beta': 0.0, 'ekd.temperature': 1.0},
 }
 
 

@@ -61,7 +61,8 @@ def np_attention_distance(student, teacher, kind):
   return float((d ** 2).mean())
 
 
-def np_ekd(outputs, depths, labels, teacher_depth, alpha, beta, t, kind, stages):
+def np_ekd(outputs, depths, labels, teacher_depth, alpha, beta, t, kind, stages,
+           student_ce=1.0, kd_scale=1.0):
   """Reference total and terms, written from METHODS.md section 2."""
   depths = [tuple(d) for d in depths]
   teacher = outputs[depths.index(tuple(teacher_depth))]
@@ -82,7 +83,7 @@ def np_ekd(outputs, depths, labels, teacher_depth, alpha, beta, t, kind, stages)
         at += dist
       terms[f'{tag}/kl'] = kl
       terms[f'{tag}/at'] = at
-      loss = ce + alpha * kl + beta * at
+      loss = student_ce * ce + kd_scale * (alpha * kl + beta * at)
     terms[f'{tag}/loss'] = loss
     total += loss
   return total, terms
@@ -512,6 +513,52 @@ def test_total_loss_grad_finite_and_reaches_full_only_params():
       assert np.abs(g_total).max() > 0 or g_total.size == 0, path
 
 
+@pytest.mark.parametrize('student_ce,kd_scale', [(0.0, 1.0), (0.5, 0.3), (1.0, 0.0067)])
+def test_ekd_loss_student_ce_and_kd_scale_match_reference(student_ce, kd_scale):
+  outputs, labels = _random_outputs(3)
+  config = losses.EKDConfig(alpha=0.7, beta=1.3, temperature=1.0, student_ce=student_ce)
+  total, terms = losses.ekd_loss(_to_jax(outputs), DEPTHS, jnp.asarray(labels), TEACHER,
+                                 config, kd_scale=kd_scale)
+  want_total, want_terms = np_ekd(outputs, DEPTHS, labels, TEACHER, 0.7, 1.3, 1.0,
+                                  'zscore_sum', 'all', student_ce, kd_scale)
+  for key, want in want_terms.items():
+    np.testing.assert_allclose(float(terms[key]), want, rtol=RTOL, atol=ATOL, err_msg=key)
+  np.testing.assert_allclose(float(total), want_total, rtol=RTOL, atol=ATOL)
+  # The teacher keeps its full cross-entropy whatever the sub-nets' weight.
+  np.testing.assert_allclose(float(terms['d3-3-3/loss']), want_terms['d3-3-3/ce'],
+                             rtol=RTOL, atol=ATOL)
+
+
+def test_sigmoid_rampup_values():
+  steps = jnp.array([0, 25, 50, 100, 150])
+  got = np.asarray(jax.vmap(lambda s: losses.sigmoid_rampup(s, 100))(steps))
+  t = np.array([0.0, 0.25, 0.5, 1.0, 1.0])
+  np.testing.assert_allclose(got, np.exp(-5.0 * (1.0 - t) ** 2), rtol=1e-6)
+  assert float(losses.sigmoid_rampup(jnp.int32(7), 0)) == 1.0  # no ramp-up
+
+
+def test_method_ramps_kd_terms_with_the_step():
+  from configs import cifar10_folder
+  from ddnn_jax import methods
+
+  config = cifar10_folder.get_config()
+  config.ekd.rampup_epochs = 2.0
+  with pytest.raises(ValueError, match='steps_per_epoch'):
+    methods.create_method(config, NUM_CLASSES)
+  method = methods.create_method(config, NUM_CLASSES, steps_per_epoch=10)
+  outputs, labels = _random_outputs(4)
+  scales = []
+  for step in (0, 10, 20, 30):
+    _, terms = method.objective(_to_jax(outputs), jnp.asarray(labels), jnp.int32(step))
+    scales.append(float(terms['kd_scale']))
+  np.testing.assert_allclose(scales, np.exp(-5.0 * (1.0 - np.array([0, .5, 1, 1])) ** 2),
+                             rtol=1e-6)
+  config.method = 'joint_ce'  # no KD terms, nothing to ramp
+  _, terms = methods.create_method(config, NUM_CLASSES).objective(
+      _to_jax(outputs), jnp.asarray(labels), jnp.int32(0))
+  assert 'kd_scale' not in terms
+
+
 # ---------------------------------------------------------------------------
 # Bad configurations.
 # ---------------------------------------------------------------------------
@@ -521,7 +568,8 @@ def test_total_loss_grad_finite_and_reaches_full_only_params():
     dict(attention='nope'), dict(attention='ZSCORE_SUM'), dict(stages='x'),
     dict(stages='first'), dict(temperature=0), dict(temperature=0.0),
     dict(temperature=-1.0), dict(temperature=float('nan')), dict(alpha=-0.1),
-    dict(beta=float('nan')), dict(alpha=float('inf'))])
+    dict(beta=float('nan')), dict(alpha=float('inf')), dict(student_ce=-1.0),
+    dict(rampup_epochs=-2.0), dict(rampup_epochs=float('nan'))])
 def test_bad_config_raises(kwargs):
   with pytest.raises(ValueError, match=next(iter(kwargs))):
     losses.EKDConfig(**kwargs)
