@@ -135,8 +135,11 @@ def _xla_conv(x, w, strides, padding):
 
 
 def _ffi(target, out_shape, *args, strides, padding):
+  # Under vmap (jax.jacrev, per-example gradients) each call runs once per
+  # batch element, in a loop.
   call = jax.ffi.ffi_call(f'ddnn_conv_{target}',
-                          jax.ShapeDtypeStruct(out_shape, jnp.float32))
+                          jax.ShapeDtypeStruct(out_shape, jnp.float32),
+                          vmap_method='sequential')
   return call(*args, **_attrs(strides, padding))
 
 
