@@ -66,12 +66,12 @@ def create_method(config: ml_collections.ConfigDict, num_classes: int,
   if config.method == 'joint_ce':
     ekd = dataclasses.replace(ekd, alpha=0.0, beta=0.0, student_ce=1.0, rampup_epochs=0.0)
   rampup_steps = 0
-  if ekd.rampup_epochs:
-    if steps_per_epoch is None:
-      raise ValueError('ekd.rampup_epochs needs steps_per_epoch in create_method')
+  if ekd.rampup_epochs and steps_per_epoch is not None:
     rampup_steps = max(1, round(ekd.rampup_epochs * steps_per_epoch))
 
   def objective(outputs, labels, step):
+    if ekd.rampup_epochs and not rampup_steps:  # evaluation needs no objective
+      raise ValueError('ekd.rampup_epochs needs steps_per_epoch in create_method')
     kd_scale = losses.sigmoid_rampup(step, rampup_steps)
     loss, terms = losses.ekd_loss(outputs, depths, labels, model.full_depth, ekd,
                                   kd_scale=kd_scale)

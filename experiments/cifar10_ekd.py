@@ -11,7 +11,7 @@ for ablations, one EKD or BN field differ. Runs go one after another (each
 uses both cores), each in OUT/<run name>:
 
   ekd_s{0,1}                   DDNN + EKD, the three depths in one step
-  joint_ce_s0                  DDNN, cross-entropy only (alpha = beta = 0)
+  joint_ce_s{0,1}              DDNN, cross-entropy only (alpha = beta = 0)
   individual_d{1,2,3}_s{0,1}   each depth as a standalone ResNet-8/14/20
   ekd_kl_only_s0, ekd_at_p2_s0, ekd_bn_private_stats_s0
                                one-seed EKD variants (--ablations, see ABLATIONS)
@@ -95,7 +95,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
   a cut-short driver still leaves one complete comparison."""
   def main_runs(seed):
     return [Run(f'ekd_s{seed}', {'method': 'ekd', 'seed': seed}),
-            *([Run('joint_ce_s0', {'method': 'joint_ce', 'seed': 0})] if seed == 0 else []),
+            Run(f'joint_ce_s{seed}', {'method': 'joint_ce', 'seed': seed}),
             *(Run(f'individual_d{d[0]}_s{seed}',
                   {'method': 'individual', 'individual_depth': d, 'seed': seed})
               for d in DEPTHS)]

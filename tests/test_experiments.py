@@ -45,7 +45,7 @@ def test_plan_runs_seed_zero_of_every_method_then_ablations_then_other_seeds(tmp
   assert [r.name for r, _ in runs] == [
       'ekd_s0', 'joint_ce_s0', 'individual_d1_s0', 'individual_d2_s0', 'individual_d3_s0',
       'ekd_kl_only_s0', 'ekd_at_p2_s0',
-      'ekd_s1', 'individual_d1_s1', 'individual_d2_s1', 'individual_d3_s1']
+      'ekd_s1', 'joint_ce_s1', 'individual_d1_s1', 'individual_d2_s1', 'individual_d3_s1']
   by_name = {r.name: r.overrides for r, _ in runs}
   assert by_name['individual_d2_s1'] == {'method': 'individual', 'individual_depth': (2, 2, 2),
                                          'seed': 1}
@@ -56,7 +56,7 @@ def test_plan_runs_seed_zero_of_every_method_then_ablations_then_other_seeds(tmp
 def test_default_plan_is_the_reported_study(tmp_path):
   names = [r.name for r, _ in _plan(tmp_path)]
   assert names[5:8] == ['ekd_kl_only_s0', 'ekd_at_p2_s0', 'ekd_bn_private_stats_s0']
-  assert len(names) == 12
+  assert len(names) == 13
   assert [r.name for r, _ in _plan(tmp_path, '--ablations', 'none')] == names[:5] + names[8:]
 
 

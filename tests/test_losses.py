@@ -543,10 +543,11 @@ def test_method_ramps_kd_terms_with_the_step():
 
   config = cifar10_folder.get_config()
   config.ekd.rampup_epochs = 2.0
-  with pytest.raises(ValueError, match='steps_per_epoch'):
-    methods.create_method(config, NUM_CLASSES)
-  method = methods.create_method(config, NUM_CLASSES, steps_per_epoch=10)
   outputs, labels = _random_outputs(4)
+  unramped = methods.create_method(config, NUM_CLASSES)  # enough to evaluate
+  with pytest.raises(ValueError, match='steps_per_epoch'):
+    unramped.objective(_to_jax(outputs), jnp.asarray(labels), jnp.int32(0))
+  method = methods.create_method(config, NUM_CLASSES, steps_per_epoch=10)
   scales = []
   for step in (0, 10, 20, 30):
     _, terms = method.objective(_to_jax(outputs), jnp.asarray(labels), jnp.int32(step))
