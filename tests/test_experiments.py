@@ -49,15 +49,16 @@ def test_plan_runs_seed_zero_of_every_method_then_ablations_then_other_seeds(tmp
   by_name = {r.name: r.overrides for r, _ in runs}
   assert by_name['individual_d2_s1'] == {'method': 'individual', 'individual_depth': (2, 2, 2),
                                          'seed': 1}
-  assert by_name['ekd_kl_only_s0'] == {'method': 'ekd', 'seed': 0, 'ekd.beta': 0.0}
+  assert by_name['ekd_kl_only_s0'] == {'method': 'ekd', 'seed': 0, 'ekd.beta': 0.0,
+                                       'ekd.rampup_epochs': 0.0}
   assert by_name['joint_ce_s0']['method'] == 'joint_ce'
 
 
 def test_default_plan_is_the_reported_study(tmp_path):
   names = [r.name for r, _ in _plan(tmp_path)]
-  assert names[5:8] == ['ekd_kl_only_s0', 'ekd_at_p2_s0', 'ekd_bn_private_stats_s0']
-  assert len(names) == 13
-  assert [r.name for r, _ in _plan(tmp_path, '--ablations', 'none')] == names[:5] + names[8:]
+  assert names[5:7] == ['ekd_paper_s0', 'ekd_kl_only_s0']
+  assert len(names) == 12
+  assert [r.name for r, _ in _plan(tmp_path, '--ablations', 'none')] == names[:5] + names[7:]
 
 
 def test_every_run_shares_one_recipe(tmp_path):
