@@ -17,7 +17,9 @@ uses both cores), each in OUT/<run name>:
 
 Resumable: a run with OUT/<run>/DONE.json is skipped; an interrupted one
 resumes from its latest Orbax checkpoint (ddnn_jax.main does that by itself).
-Wall time per run, summed over attempts, is kept in OUT/<run>/attempts.json.
+Wall and CPU time per run, summed over attempts, are kept in
+OUT/<run>/attempts.json; after every finished run the tables so far are
+rewritten to OUT/tables/cifar10_ekd.md (experiments/summarize.py).
 Each finished DDNN run is also scored with BatchNorm statistics re-estimated
 per depth (`ddnn_jax.evaluate --recalibrate-bn 20`, eval_validation_bnrecal20.*).
 Changing the recipe (epochs, width, ...) for an OUT that already holds runs is
@@ -30,9 +32,13 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import summarize  # noqa: E402  -- experiments/summarize.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = 'configs/cifar10_folder.py'
@@ -157,6 +163,21 @@ def _check_same_settings(workdir: str, settings: dict) -> None:
       json.dump(settings, f, indent=2)
 
 
+def _children_cpu_seconds() -> float:
+  """User + system CPU seconds of every finished child process so far."""
+  usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return usage.ru_utime + usage.ru_stime
+
+
+def write_partial_tables(out: str) -> None:
+  """OUT/tables/cifar10_ekd.{md,json}: experiments/summarize.py over the runs so
+  far (unfinished runs listed, not averaged), rewritten after every run."""
+  try:
+    summarize.main(['--out', out, '--results', os.path.join(out, 'tables'), '--no-curves'])
+  except SystemExit as e:  # no finished run yet
+    print(f'[tables] not written: {e}', flush=True)
+
+
 def _run_logged(cmd: list[str], log_path: str) -> int:
   """Runs `cmd` from the repository root, appending its output to `log_path`."""
   with open(log_path, 'a') as log:
@@ -204,9 +225,10 @@ def execute(run: Run, shared: dict, out: str, dry_run: bool,
   if os.path.exists(attempts_path):
     with open(attempts_path) as f:
       attempts = json.load(f)
-  start = time.time()
+  start, cpu_before = time.time(), _children_cpu_seconds()
   returncode = _run_logged(cmd, os.path.join(workdir, 'train.log'))
   attempts.append({'started': start, 'seconds': time.time() - start,
+                   'cpu_seconds': _children_cpu_seconds() - cpu_before,
                    'returncode': returncode})
   with open(attempts_path, 'w') as f:
     json.dump(attempts, f, indent=2)
@@ -218,6 +240,7 @@ def execute(run: Run, shared: dict, out: str, dry_run: bool,
     json.dump({'seconds': total, 'attempts': len(attempts), 'command': cmd[1:]}, f, indent=2)
   print(f'[done] {run.name}: {total / 60:.1f} min', flush=True)
   recalibrate(run, workdir, recalibrate_batches, dry_run)
+  write_partial_tables(out)
 
 
 def main(argv: list[str] | None = None) -> None:

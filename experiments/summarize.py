@@ -59,7 +59,11 @@ def load_run(workdir: str) -> dict | None:
   attempts_path = os.path.join(workdir, 'attempts.json')
   if os.path.exists(attempts_path):
     with open(attempts_path) as f:
-      run['seconds'] = sum(a['seconds'] for a in json.load(f))
+      attempts = json.load(f)
+    run['seconds'] = sum(a['seconds'] for a in attempts)
+    # Attempts recorded before CPU time was kept count their wall time x cores.
+    run['cpu_seconds'] = sum(a.get('cpu_seconds', a['seconds'] * (os.cpu_count() or 1))
+                             for a in attempts)
   settings_path = os.path.join(workdir, 'driver_settings.json')
   if os.path.exists(settings_path):
     with open(settings_path) as f:
@@ -194,14 +198,17 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
                for d in depths]
       lines.append(f'| {run["name"]} | ' + ' | '.join(cells) + ' |')
 
-  lines += ['', 'Wall time per run on this machine (all attempts summed):', '',
-            '| run | finished | minutes |', '|---|---|---|']
-  total = 0.0
+  lines += ['', 'Wall and CPU time per run on this machine (all attempts summed; CPU '
+            'time of the training processes, BN re-calibration not included):', '',
+            '| run | finished | wall minutes | CPU hours |', '|---|---|---|---|']
+  total = cpu_total = 0.0
   for run in sorted(runs, key=lambda r: r['name']):
-    seconds = run.get('seconds', 0.0)
+    seconds, cpu = run.get('seconds', 0.0), run.get('cpu_seconds', 0.0)
     total += seconds
-    lines.append(f'| {run["name"]} | {"yes" if run["done"] else "no"} | {seconds / 60:.1f} |')
-  lines.append(f'| **total** | | **{total / 60:.1f}** |')
+    cpu_total += cpu
+    lines.append(f'| {run["name"]} | {"yes" if run["done"] else "no"} | {seconds / 60:.1f} | '
+                 f'{cpu / 3600:.2f} |')
+  lines.append(f'| **total** | | **{total / 60:.1f}** | **{cpu_total / 3600:.2f}** |')
   return '\n'.join(lines) + '\n'
 
 

@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import os
 import re
 import subprocess
 import sys
@@ -122,6 +123,9 @@ def test_failed_run_resumes_then_is_skipped_and_times_add_up(tmp_path, monkeypat
   assert done['attempts'] == 2
   assert done['seconds'] == pytest.approx(sum(a['seconds'] for a in attempts))
   assert done['seconds'] >= 0.4
+  assert all(a['cpu_seconds'] >= 0 for a in attempts)
+  # The tables so far are rewritten after every finished run.
+  assert (tmp_path / 'out' / 'tables' / 'cifar10_ekd.md').exists()
   capsys.readouterr()
   driver.execute(run, {'num_epochs': 1.0}, out, dry_run=False)
   assert '[skip] ekd_s0: finished' in capsys.readouterr().out
@@ -168,7 +172,8 @@ def _fake_run(out, name, depths_top1, *, seconds=60.0, step=30, epochs=3.0):
            'top5': 0.99, 'loss': 1.0, 'kl_to_full': 0.1, 'agreement': 0.8,
            'images_per_second': 10.0} for d, t in depths_top1]
   (workdir / 'eval_validation.json').write_text(json.dumps({'step': step, 'depths': rows}))
-  (workdir / 'attempts.json').write_text(json.dumps([{'seconds': seconds, 'returncode': 0}]))
+  (workdir / 'attempts.json').write_text(json.dumps(
+      [{'seconds': seconds, 'cpu_seconds': 2 * seconds, 'returncode': 0}]))
   (workdir / 'DONE.json').write_text(json.dumps({'seconds': seconds}))
   (workdir / 'driver_settings.json').write_text(json.dumps({'num_epochs': epochs}))
   return workdir
@@ -198,14 +203,17 @@ def test_summary_averages_seeds_and_compares_with_individual(tmp_path):
           '51.00 ± 1.41 (n=2) | +10.00 |') in text
   assert '| ResNet-20 (3,3,3) | 9,000 | 0.0900 | 79.00 ± 1.41 (n=2) |' in text
   assert '| ekd_kl_only | 66.00 | 74.00 | 80.00 |' in text
-  assert '| ekd_at_p2_s0 | no | 0.5 |' in text
+  assert '| ekd_at_p2_s0 | no | 0.5 | ' in text
   assert 're-estimated per depth on 20 training batches' in text
   assert '| ekd_s0 | 60.00 → 64.00 | 70.00 → 73.00 | 80.00 → 82.00 |' in text
   # The re-calibrated main table: ekd from its one re-scored seed, individual as is.
   assert ('| ResNet-8 (1,1,1) | 3,000 | 0.0300 | 64.00 (n=1) | 51.00 ± 1.41 (n=2) | '
           '+13.00 |') in text
-  # 10 finished runs of 1 min each plus the unfinished half minute.
-  assert '| **total** | | **10.5** |' in text
+  # 10 finished runs of 1 min (2 CPU minutes) each, plus the unfinished half
+  # minute (no CPU time recorded: wall time x cores).
+  cpu_hours = (10 * 120 + 30 * (os.cpu_count() or 1)) / 3600
+  assert f'| **total** | | **10.5** | **{cpu_hours:.2f}** |' in text
+  assert '| ekd_s0 | yes | 1.0 | 0.03 |' in text
   dump = json.loads((results / 'cifar10_ekd.json').read_text())
   assert dump['summary']['individual']['1,1,1']['top1']['values'] == [0.5, 0.52]
 
