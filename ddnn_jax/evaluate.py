@@ -30,7 +30,7 @@ import optax
 from etils import epath
 
 from ddnn_jax import mesh as mesh_lib
-from ddnn_jax import models
+from ddnn_jax import models, runtime
 
 METRICS = ('top1', 'top5', 'loss', 'kl_to_full', 'agreement')
 
@@ -268,7 +268,9 @@ def report(workdir: str, config: ml_collections.ConfigDict, model: models.DDNNRe
   return rows
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, process_settings: bool = False) -> int:
+  """The CLI; `process_settings` (the `python -m` entry) first makes the CPU
+  process settings of training (runtime.py), so throughput is comparable."""
   parser = argparse.ArgumentParser(prog='python -m ddnn_jax.evaluate',
                                    description=__doc__.split('\n\n')[0])
   parser.add_argument('--workdir', required=True, help='the run directory')
@@ -284,6 +286,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args = parser.parse_args(sys.argv[1:] if argv is None else argv)
   try:
     config = load_config(args.workdir, args.config)
+    if process_settings:  # before JAX starts its CPU client
+      runtime.configure_xla_flags()
+      runtime.keep_freed_host_memory()
+      runtime.configure_cpu_threads(config.model.get('conv_impl', 'xla'))
     if args.recalibrate_bn < 0:
       raise ValueError(f'--recalibrate-bn must be >= 0, got {args.recalibrate_bn}')
     run(args.workdir, config, step=args.step, split=args.split, root=args.root,
@@ -295,4 +301,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  sys.exit(main(process_settings=True))
