@@ -57,6 +57,28 @@ class _QuietCheckpointLogs(std_logging.Filter):
     return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad --config (a missing file, an unknown or
+  misplaced field, a value of the wrong type) as one line and exit status 2."""
+  try:
+    rest = FLAGS(argv)
+    FLAGS.config.get('method')  # a config file that failed to load raises here
+    return rest
+  except flags.Error as e:
+    message = str(e)
+  except OSError as e:  # the config file could not be loaded
+    detail = str(e).strip().splitlines()[-1].strip()
+    message = (f'could not load the --config file: {detail}; pass one of configs/*.py, '
+               'e.g. --config configs/default.py')
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+    message = (f'bad config override {e} among {overrides}: every field and its type is '
+               'in configs/base.py (e.g. --config.optim.learning_rate, not '
+               '--config.learning_rate)')
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
@@ -81,4 +103,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

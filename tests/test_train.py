@@ -236,6 +236,9 @@ def test_two_processes_match_one_process(tmp_path):
     ('--config.model.bn_mode=private', "unknown bn_mode 'private'"),
     ('--config.batch_size=3000', 'exceeds the 1437 training examples'),
     ('--config.ekd.attention=at_p3', "unknown attention 'at_p3'"),
+    # Flag parsing: an unknown or misplaced field, a value of the wrong type.
+    ('--config.learning_rate=0.1', 'not --config.learning_rate'),
+    ('--config.optim.learning_rate=abc', "could not convert string to float: 'abc'"),
 ])
 def test_bad_config_is_one_line_error_and_nonzero_exit(tmp_path, override, message):
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
@@ -244,4 +247,15 @@ def test_bad_config_is_one_line_error_and_nonzero_exit(tmp_path, override, messa
   assert result.returncode != 0
   errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+  assert 'Traceback' not in result.stderr
   assert not glob.glob(os.path.join(tmp_path, 'checkpoints', '*'))
+
+
+def test_missing_config_file_is_one_line_error(tmp_path):
+  result = subprocess.run([sys.executable, WORKER, 'configs/nope.py', str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1, result.stderr[-2000:]
+  assert "No such file or directory: 'configs/nope.py'" in errors[0]
+  assert 'Traceback' not in result.stderr

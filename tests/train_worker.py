@@ -22,4 +22,4 @@ if __name__ == '__main__':
 
   from ddnn_jax import main
 
-  app.run(main.main)
+  app.run(main.main, flags_parser=main.parse_flags)
