@@ -189,8 +189,13 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
 # drift apart by 1e-2 within 4 steps), which would hide what these tests check.
 # They also pin XLA's convolutions: conv_impl 'auto' picks oneDNN for one CPU
 # device and XLA's for several, and these tests compare sharding, not kernels
-# (tests/test_onednn_conv.py compares the kernels).
-EQUAL_RUN = ('--config.ekd.attention=at_p2', '--config.model.conv_impl=xla')
+# (tests/test_onednn_conv.py compares the kernels). And they pin the attention
+# term on and the KD ramp-up off (METHODS.md's EKD, not today's default): with
+# the default KL-only ramp-up the smoke run's losses agree to 2e-6 for 6 steps,
+# then round-off grows ~10x a step (1.6e-3 by step 9), as the dynamics, not
+# the sharding, amplify it.
+EQUAL_RUN = ('--config.ekd.attention=at_p2', '--config.ekd.beta=1.0',
+             '--config.ekd.rampup_epochs=0', '--config.model.conv_impl=xla')
 
 
 def test_eight_devices_match_one_device(tmp_path):
