@@ -12,6 +12,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -25,17 +26,59 @@ def create_manager(workdir: str, *, keep: int = 3,
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
+# A checkpoint holds two Orbax items: the model's variables (params and BN
+# statistics: all that evaluation, export and BN re-calibration need) and the
+# training state (step and optimizer state). Checkpoints written before this
+# layout hold the whole TrainState as one item, LEGACY_ITEM; they still restore.
+VARIABLES_ITEM, TRAIN_ITEM, LEGACY_ITEM = 'variables', 'train', 'default'
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  manager.save(step, args=ocp.args.StandardSave(state))
+  manager.save(step, args=ocp.args.Composite(**{
+      VARIABLES_ITEM: ocp.args.StandardSave(state.variables),
+      TRAIN_ITEM: ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state}),
+  }))
+
+
+def _legacy_path(manager: ocp.CheckpointManager, step: int) -> epath.Path | None:
+  path = epath.Path(manager.directory) / str(step) / LEGACY_ITEM
+  return path if path.exists() else None
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: Any,
             step: int | None = None) -> Any:
   """The state saved at `step` (default: the latest), laid out as `abstract_state`.
 
-  `abstract_state` is a pytree of jax.ShapeDtypeStruct with shardings, such as
-  `jax.eval_shape` of the initialiser with the sharding attached.
+  `abstract_state` is a TrainState of jax.ShapeDtypeStruct with shardings, such
+  as `jax.eval_shape` of the initialiser with the sharding attached.
   """
+  step = _check_step(manager, step)
+  legacy = _legacy_path(manager, step)
+  if legacy is not None:
+    return ocp.StandardCheckpointer().restore(legacy, abstract_state)
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      VARIABLES_ITEM: ocp.args.StandardRestore(abstract_state.variables),
+      TRAIN_ITEM: ocp.args.StandardRestore(
+          {'step': abstract_state.step, 'opt_state': abstract_state.opt_state}),
+  }))
+  variables, train = restored[VARIABLES_ITEM], restored[TRAIN_ITEM]
+  return abstract_state.replace(step=train['step'], opt_state=train['opt_state'],
+                                params=variables['params'],
+                                batch_stats=variables['batch_stats'])
+
+
+def restore_variables(manager: ocp.CheckpointManager, abstract_variables: Any,
+                      step: int | None = None) -> Any | None:
+  """Only the model variables of `step` (no optimizer needed), or None for a
+  checkpoint of the legacy one-item layout (restore the whole state instead)."""
+  step = _check_step(manager, step)
+  if _legacy_path(manager, step) is not None:
+    return None
+  return manager.restore(step, args=ocp.args.Composite(**{
+      VARIABLES_ITEM: ocp.args.StandardRestore(abstract_variables)}))[VARIABLES_ITEM]
+
+
+def _check_step(manager: ocp.CheckpointManager, step: int | None) -> int:
   if step is None:
     step = manager.latest_step()
   if step is None:
@@ -46,7 +89,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
     raise FileNotFoundError(
         f'no checkpoint for step {step} in {manager.directory}; available steps: '
         f'{sorted(manager.all_steps())}')
-  return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  return step
 
 
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
