@@ -78,6 +78,20 @@ def restore_variables(manager: ocp.CheckpointManager, abstract_variables: Any,
       VARIABLES_ITEM: ocp.args.StandardRestore(abstract_variables)}))[VARIABLES_ITEM]
 
 
+def read_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """({'params', 'batch_stats'} as saved, on the default device; the step) of
+  `step` (default: the latest) in `workdir`, either layout; nothing else built."""
+  manager = create_manager(workdir, async_save=False)
+  step = _check_step(manager, step)
+  legacy = _legacy_path(manager, step)
+  if legacy is not None:
+    state = ocp.StandardCheckpointer().restore(legacy)
+    return {'params': state['params'], 'batch_stats': state['batch_stats']}, step
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      VARIABLES_ITEM: ocp.args.StandardRestore()}))
+  return dict(restored[VARIABLES_ITEM]), step
+
+
 def _check_step(manager: ocp.CheckpointManager, step: int | None) -> int:
   if step is None:
     step = manager.latest_step()

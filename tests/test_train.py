@@ -43,9 +43,8 @@ def scalars(workdir, tag):
 
 
 def params_of(workdir):
-  manager = checkpointing.create_manager(workdir, async_save=False)
-  restored = manager.restore(manager.latest_step())
-  return restored['params'], manager.latest_step()
+  variables, step = checkpointing.read_variables(workdir)
+  return variables['params'], step
 
 
 def run_worker(workdir, *overrides, devices=1, env=None, wait=True):
