@@ -52,7 +52,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
   `abstract_state` is a TrainState of jax.ShapeDtypeStruct with shardings, such
   as `jax.eval_shape` of the initialiser with the sharding attached.
   """
-  step = _check_step(manager, step)
+  step = resolve_step(manager, step)
   legacy = _legacy_path(manager, step)
   if legacy is not None:
     return ocp.StandardCheckpointer().restore(legacy, abstract_state)
@@ -71,7 +71,7 @@ def restore_variables(manager: ocp.CheckpointManager, abstract_variables: Any,
                       step: int | None = None) -> Any | None:
   """Only the model variables of `step` (no optimizer needed), or None for a
   checkpoint of the legacy one-item layout (restore the whole state instead)."""
-  step = _check_step(manager, step)
+  step = resolve_step(manager, step)
   if _legacy_path(manager, step) is not None:
     return None
   return manager.restore(step, args=ocp.args.Composite(**{
@@ -82,7 +82,7 @@ def read_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
   """({'params', 'batch_stats'} as saved, on the default device; the step) of
   `step` (default: the latest) in `workdir`, either layout; nothing else built."""
   manager = create_manager(workdir, async_save=False)
-  step = _check_step(manager, step)
+  step = resolve_step(manager, step)
   legacy = _legacy_path(manager, step)
   if legacy is not None:
     state = ocp.StandardCheckpointer().restore(legacy)
@@ -92,7 +92,8 @@ def read_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
   return dict(restored[VARIABLES_ITEM]), step
 
 
-def _check_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+def resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
+  """`step`, or the latest step when None; a clear error when there is none."""
   if step is None:
     step = manager.latest_step()
   if step is None:

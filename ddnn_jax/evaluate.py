@@ -30,6 +30,7 @@ import optax
 from etils import epath
 
 from ddnn_jax import mesh as mesh_lib
+from ddnn_jax import methods as methods_lib
 from ddnn_jax import models, runtime
 
 METRICS = ('top1', 'top5', 'loss', 'kl_to_full', 'agreement')
@@ -173,23 +174,34 @@ def load_config(workdir: str, config_file: str | None = None) -> ml_collections.
 
 
 def restore(workdir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-            step: int | None = None):
-  """(method, train state) of the run's latest (or `step`) checkpoint, placed
-  in its shardings on `mesh`; only abstract shapes are built before that."""
+            step: int | None = None) -> tuple[methods_lib.Method, dict, int]:
+  """(method, model variables, step) of the run's latest (or `step`)
+  checkpoint, replicated on `mesh`. Only the variables are read; an optimizer is
+  built only for a checkpoint of the legacy one-item layout."""
   from ddnn_jax import checkpointing, input_pipeline, methods, optim  # noqa: PLC0415
   from ddnn_jax.train_state import state_shardings  # noqa: PLC0415
 
   info = input_pipeline.get_info(config.data)
   method = methods.create_method(config, info.num_classes)
-  train_examples = info.num_examples[config.data.train_split]
-  tx, _ = optim.create_optimizer(
-      config, max(1, input_pipeline.steps_per_epoch(train_examples, config.batch_size)))
   image_shape = (info.image_size, info.image_size, 3)
-  abstract, shardings = state_shardings(method.model, method.depths, tx, image_shape, mesh)
+  abstract = jax.eval_shape(lambda rng: models.init_variables(
+      method.model, rng, jnp.zeros((1, *image_shape), jnp.float32), method.depths),
+      jax.random.key(0))
+  replicated = mesh_lib.replicated(mesh)
+  abstract = checkpointing.abstract_with_shardings(
+      abstract, jax.tree.map(lambda _: replicated, abstract))
   manager = checkpointing.create_manager(workdir, async_save=False)
-  state = checkpointing.restore(
-      manager, checkpointing.abstract_with_shardings(abstract, shardings), step)
-  return method, state
+  step = checkpointing.resolve_step(manager, step)
+  variables = checkpointing.restore_variables(manager, abstract, step)
+  if variables is None:  # the legacy layout holds the optimizer state too
+    train_examples = info.num_examples[config.data.train_split]
+    tx, _ = optim.create_optimizer(
+        config, max(1, input_pipeline.steps_per_epoch(train_examples, config.batch_size)))
+    abstract_state, shardings = state_shardings(method.model, method.depths, tx,
+                                                image_shape, mesh)
+    variables = checkpointing.restore(manager, checkpointing.abstract_with_shardings(
+        abstract_state, shardings), step).variables
+  return method, variables, step
 
 
 def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,
@@ -206,7 +218,7 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
   mesh = mesh_lib.create_mesh()
   batch_size = batch_size or config.eval_batch_size
   mesh_lib.check_batch_size(batch_size, mesh, 'eval_batch_size')
-  method, state = restore(workdir, config, mesh, step)
+  method, variables, step = restore(workdir, config, mesh, step)
   model, depths = method.model, method.depths
   split = split or config.data.eval_split
 
@@ -216,18 +228,18 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
 
   label = split if root is None else f'{os.path.basename(os.path.normpath(root))}_{split}'
   if recalibrate_bn:
-    variables = bn_calibration.recalibrate_depths(
-        model, state.variables, depths,
+    recalibrated = bn_calibration.recalibrate_depths(
+        model, variables, depths,
         lambda: input_pipeline.train_batches(config.data, global_batch_size=batch_size,
                                              seed=config.seed),
         mesh, recalibrate_bn)
     eval_step = make_eval_step(model, depths, mesh, per_depth_variables=True)
-    metrics = evaluate_depths(model, variables, batches(), depths, mesh, eval_step)
+    metrics = evaluate_depths(model, recalibrated, batches(), depths, mesh, eval_step)
     label = f'{label}_bnrecal{recalibrate_bn}'
   else:
-    metrics = evaluate_depths(model, state.variables, batches(), depths, mesh)
-  return report(workdir, config, model, state.variables, depths, metrics,
-                step=int(state.step), label=label, root=root,
+    metrics = evaluate_depths(model, variables, batches(), depths, mesh)
+  return report(workdir, config, model, variables, depths, metrics,
+                step=step, label=label, root=root,
                 sample_images=next(iter(batches()))['image'], mesh=mesh,
                 extra={'bn_recalibration_batches': recalibrate_bn})
 

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
   print('|---|---|---:|---:|---:|---:|')
   for workdir in args.workdirs:
     config = evaluate.load_config(workdir)
-    method, state = evaluate.restore(workdir, config, mesh)
+    method, variables, _ = evaluate.restore(workdir, config, mesh)
     chunks, seen = [], 0
     for batch in input_pipeline.eval_batches(config.data, global_batch_size=500):
       chunks.append(batch['image'][batch['mask']])
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
       if seen >= args.images:
         break
     images = np.concatenate(chunks)[:args.images]
-    stats = stage_statistics(method.model, jax.device_get(state.variables), method.depths,
+    stats = stage_statistics(method.model, jax.device_get(variables), method.depths,
                              images)
     name = os.path.basename(os.path.normpath(workdir))
     everything[name] = stats
