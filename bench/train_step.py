@@ -9,7 +9,6 @@ step time after the compile. Input-pipeline cost is not included.
 """
 
 import argparse
-import ast
 import os
 import statistics
 import sys
@@ -43,21 +42,11 @@ def main():
   parser.add_argument('--steps', type=int, default=20)
   args = parser.parse_args()
   config = evaluate.load_config('', args.config)
-  for item in args.set:
-    key, value = item.split('=', 1)
-    *parents, leaf = key.split('.')
-    target = config
-    for p in parents:
-      target = target[p]
-    try:
-      target[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      target[leaf] = value
+  evaluate.apply_overrides(config, args.set)
   # The process settings python -m ddnn_jax.main makes, before JAX starts.
-  runtime.keep_freed_host_memory()
-  runtime.configure_cpu_threads(config.model.get('conv_impl', 'xla'))
+  runtime.configure_cpu_process(config.model.get('conv_impl', 'xla'))
   mesh = mesh_lib.create_mesh()
-  method = methods.create_method(config, args.num_classes)
+  method = methods.create_method(config, args.num_classes, steps_per_epoch=100)
   tx, schedule = optim.create_optimizer(config, steps_per_epoch=100)
   shape = (args.image_size, args.image_size, 3)
   _, sharding = state_shardings(method.model, method.depths, tx, shape, mesh)

@@ -96,8 +96,7 @@ def import_jax(conv_impl: str = 'xla'):
     sys.path.insert(0, ROOT)
   from ddnn_jax import runtime
   runtime.configure_xla_flags()
-  runtime.keep_freed_host_memory()  # as python -m ddnn_jax.main does by default
-  runtime.configure_cpu_threads(conv_impl)
+  runtime.configure_cpu_process(conv_impl)  # as python -m ddnn_jax.main does
   import jax
   return jax
 
@@ -107,6 +106,9 @@ def load_config(width: float, method: str = 'ekd', individual_depth=None):
   config = evaluate.load_config('', CONFIG)
   config.model.width_multiplier = width
   config.method = method
+  # The step the PyTorch peer mirrors (CE + T^2 KL + z-score attention on every
+  # stage, no ramp-up: METHODS.md's EKD), whatever the configs' defaults.
+  config.ekd.beta, config.ekd.rampup_epochs = 1.0, 0.0
   if individual_depth is not None:
     config.individual_depth = tuple(individual_depth)
   return config
@@ -131,7 +133,7 @@ class TrainProgram:
 
     self.config, self.jax = config, jax
     self.mesh = mesh_lib.create_mesh()
-    self.method = methods.create_method(config, NUM_CLASSES)
+    self.method = methods.create_method(config, NUM_CLASSES, steps_per_epoch=100)
     tx, schedule = optim.create_optimizer(config, steps_per_epoch=100)
     model, depths, shape = self.method.model, self.method.depths, images.shape[1:]
     _, sharding = state_shardings(model, depths, tx, shape, self.mesh)
