@@ -15,6 +15,7 @@ re-estimates each depth's BatchNorm statistics on N training batches first.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib.util
 import json
 import os
@@ -153,6 +154,22 @@ def plot_accuracy_vs_flops(rows: Sequence[dict], path: str, title: str) -> None:
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, items: Sequence[str]) -> None:
+  """Sets 'a.b=VALUE' items on `config` (VALUE a Python literal, else a string)."""
+  for item in items:
+    key, sep, value = item.partition('=')
+    if not sep:
+      raise ValueError(f'override {item!r} is not FIELD=VALUE (e.g. model.width_multiplier=0.5)')
+    *parents, leaf = key.split('.')
+    target = config
+    for parent in parents:
+      target = target[parent]
+    try:
+      target[leaf] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      target[leaf] = value
 
 
 def load_config(workdir: str, config_file: str | None = None) -> ml_collections.ConfigDict:
@@ -300,8 +317,7 @@ def main(argv: Sequence[str] | None = None, process_settings: bool = False) -> i
     config = load_config(args.workdir, args.config)
     if process_settings:  # before JAX starts its CPU client
       runtime.configure_xla_flags()
-      runtime.keep_freed_host_memory()
-      runtime.configure_cpu_threads(config.model.get('conv_impl', 'xla'))
+      runtime.configure_cpu_process(config.model.get('conv_impl', 'xla'))
     if args.recalibrate_bn < 0:
       raise ValueError(f'--recalibrate-bn must be >= 0, got {args.recalibrate_bn}')
     run(args.workdir, config, step=args.step, split=args.split, root=args.root,

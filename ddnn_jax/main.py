@@ -82,9 +82,8 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
-  if FLAGS.keep_freed_host_memory:  # before JAX starts its threads
-    runtime.keep_freed_host_memory()
-  one_xla_thread = runtime.configure_cpu_threads(FLAGS.config.model.get('conv_impl', 'xla'))
+  one_xla_thread = runtime.configure_cpu_process(  # before JAX starts its threads
+      FLAGS.config.model.get('conv_impl', 'xla'), FLAGS.keep_freed_host_memory)
   initialize_distributed()
   runtime.enable_compilation_cache(FLAGS.compilation_cache_dir)
   logging.info('process %d of %d, %d local / %d global devices (%s)',

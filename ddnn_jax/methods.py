@@ -26,6 +26,8 @@ class Method:
   model: models.DDNNResNet
   depths: tuple[models.Depth, ...]  # every depth a train step runs, full last
   objective: Objective
+  ekd: losses.EKDConfig  # the loss settings the objective uses ('joint_ce': no KD)
+  rampup_steps: int  # steps of the KD ramp-up (0: none, or no steps_per_epoch given)
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int) -> models.DDNNResNet:
@@ -79,4 +81,4 @@ def create_method(config: ml_collections.ConfigDict, num_classes: int,
       terms['kd_scale'] = kd_scale
     return loss, terms
 
-  return Method(model, depths, objective)
+  return Method(model, depths, objective, ekd, rampup_steps)

@@ -81,6 +81,15 @@ def configure_cpu_threads(conv_impl: str) -> bool:
   return True
 
 
+def configure_cpu_process(conv_impl: str, keep_freed_memory: bool = True) -> bool:
+  """Both CPU process settings of training, before JAX starts: freed host memory
+  kept (unless `keep_freed_memory` is False) and XLA's thread count for
+  `conv_impl`. Returns configure_cpu_threads' answer."""
+  if keep_freed_memory:
+    keep_freed_host_memory()
+  return configure_cpu_threads(conv_impl)
+
+
 def default_cache_dir() -> str:
   """Where ddnn_jax keeps built kernels and compiled programs between runs."""
   return os.environ.get('DDNN_JAX_CACHE_DIR') or os.path.join(

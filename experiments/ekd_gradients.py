@@ -26,7 +26,6 @@ object per recorded step goes to --out, and a table of window means to stdout.
 from __future__ import annotations
 
 import argparse
-import ast
 import json
 import os
 import sys
@@ -67,15 +66,15 @@ def group_norms_and_dots(tree, reference) -> dict[str, tuple[float, float, float
   return out
 
 
-def make_diagnostics(method: methods.Method, ekd: losses.EKDConfig, rampup_steps: int):
-  model, depths = method.model, method.depths
+def make_diagnostics(method: methods.Method):
+  model, depths, ekd = method.model, method.depths, method.ekd
   teacher = model.full_depth
 
   def weighted_terms(params, batch_stats, batch, step):
     outputs, _ = model.apply({'params': params, 'batch_stats': batch_stats},
                              batch['image'], depths, True, method=model.forward_depths,
                              mutable=['batch_stats'])
-    scale = losses.sigmoid_rampup(step, rampup_steps)
+    scale = losses.sigmoid_rampup(step, method.rampup_steps)
     _, terms = losses.ekd_loss(outputs, depths, batch['label'], teacher, ekd, scale)
     tag_full = models.depth_tag(teacher)
     subs = [models.depth_tag(d) for d in depths if d != teacher]
@@ -118,19 +117,6 @@ def make_diagnostics(method: methods.Method, ekd: losses.EKDConfig, rampup_steps
   return diagnose
 
 
-def parse_set(config, items):
-  for item in items:
-    key, _, value = item.partition('=')
-    *parents, leaf = key.split('.')
-    target = config
-    for p in parents:
-      target = target[p]
-    try:
-      target[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      target[leaf] = value
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--root', required=True, help='CIFAR-10 ImageFolder root or .tar')
@@ -143,19 +129,13 @@ def main() -> None:
   config = evaluate.load_config('', 'configs/cifar10_folder.py')
   config.data.root = os.path.abspath(args.root)
   config.model.width_multiplier = 0.5
-  parse_set(config, args.set)
-  runtime.keep_freed_host_memory()
-  runtime.configure_cpu_threads(config.model.conv_impl)
+  evaluate.apply_overrides(config, args.set)
+  runtime.configure_cpu_process(config.model.conv_impl)
 
   info = input_pipeline.get_info(config.data)
   steps_per_epoch = input_pipeline.steps_per_epoch(
       info.num_examples[config.data.train_split], config.batch_size)
   method = methods.create_method(config, info.num_classes, steps_per_epoch)
-  ekd = losses.EKDConfig(**config.ekd.to_dict())
-  if config.method == 'joint_ce':
-    ekd = losses.EKDConfig(**{**config.ekd.to_dict(), 'alpha': 0.0, 'beta': 0.0,
-                              'student_ce': 1.0, 'rampup_epochs': 0.0})
-  rampup_steps = round(ekd.rampup_epochs * steps_per_epoch) if ekd.rampup_epochs else 0
   mesh = mesh_lib.create_mesh()
   tx, schedule = optim.create_optimizer(config, steps_per_epoch)
   shape = (info.image_size, info.image_size, 3)
@@ -163,7 +143,7 @@ def main() -> None:
   state = create_train_state(method.model, method.depths, tx, jax.random.key(config.seed),
                              shape, mesh)
   train_step = make_train_step(method, tx, schedule, sharding, mesh)
-  diagnose = make_diagnostics(method, ekd, rampup_steps)
+  diagnose = make_diagnostics(method)
   batches = input_pipeline.train_batches(config.data, global_batch_size=config.batch_size,
                                          seed=config.seed)
   os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

@@ -51,3 +51,14 @@ def test_smoke_variant_trains(name, tmp_path):
   assert metrics['count'] == 360
   top1 = [v for k, v in metrics.items() if k.endswith('/top1')]
   assert len(top1) == len(full.depths) and all(np.isfinite(top1))
+
+
+def test_apply_overrides_literals_strings_and_nesting():
+  config = load('cifar10_folder.py')
+  evaluate.apply_overrides(config, ['model.width_multiplier=0.5', 'method=joint_ce',
+                                    'depths=((1,1,1),(3,3,3))', 'ekd.rampup_epochs=2'])
+  assert config.model.width_multiplier == 0.5 and config.method == 'joint_ce'
+  assert tuple(map(tuple, config.depths)) == ((1, 1, 1), (3, 3, 3))
+  assert config.ekd.rampup_epochs == 2
+  with pytest.raises(ValueError, match='is not FIELD=VALUE'):
+    evaluate.apply_overrides(config, ['model.width_multiplier'])
