@@ -25,10 +25,9 @@ runtime.configure_xla_flags()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddnn_jax import evaluate, methods, optim  # noqa: E402
+from ddnn_jax import evaluate, experiment  # noqa: E402
 from ddnn_jax import mesh as mesh_lib  # noqa: E402
 from ddnn_jax.train import make_train_step  # noqa: E402
-from ddnn_jax.train_state import create_train_state, state_shardings  # noqa: E402
 
 
 def main():
@@ -46,12 +45,13 @@ def main():
   # The process settings python -m ddnn_jax.main makes, before JAX starts.
   runtime.configure_cpu_process(config.model.get('conv_impl', 'xla'))
   mesh = mesh_lib.create_mesh()
-  method = methods.create_method(config, args.num_classes, steps_per_epoch=100)
-  tx, schedule = optim.create_optimizer(config, steps_per_epoch=100)
   shape = (args.image_size, args.image_size, 3)
-  _, sharding = state_shardings(method.model, method.depths, tx, shape, mesh)
-  state = create_train_state(method.model, method.depths, tx, jax.random.key(0), shape, mesh)
-  step = make_train_step(method, tx, schedule, sharding, mesh)
+  # One epoch of 100 steps: only the schedule's length depends on it.
+  exp = experiment.build(config, mesh, experiment.DataSpec(
+      args.num_classes, args.image_size, 100 * args.batch_size))
+  method = exp.method
+  state = exp.init_state(jax.random.key(0))
+  step = make_train_step(exp)
   rng = np.random.default_rng(0)
   batch = mesh_lib.global_batch({
       'image': rng.standard_normal((args.batch_size, *shape), dtype=np.float32),

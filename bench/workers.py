@@ -126,19 +126,18 @@ class TrainProgram:
 
   def __init__(self, config, images: np.ndarray, labels: np.ndarray):
     jax = import_jax(config.model.conv_impl)
+    from ddnn_jax import experiment
     from ddnn_jax import mesh as mesh_lib
-    from ddnn_jax import methods, optim
     from ddnn_jax.train import make_train_step
-    from ddnn_jax.train_state import create_train_state, state_shardings
 
     self.config, self.jax = config, jax
     self.mesh = mesh_lib.create_mesh()
-    self.method = methods.create_method(config, NUM_CLASSES, steps_per_epoch=100)
-    tx, schedule = optim.create_optimizer(config, steps_per_epoch=100)
-    model, depths, shape = self.method.model, self.method.depths, images.shape[1:]
-    _, sharding = state_shardings(model, depths, tx, shape, self.mesh)
-    self.state = create_train_state(model, depths, tx, jax.random.key(0), shape, self.mesh)
-    self.step = make_train_step(self.method, tx, schedule, sharding, self.mesh)
+    # One epoch of 100 steps: only the schedule's length depends on it.
+    exp = experiment.build(config, self.mesh, experiment.DataSpec(
+        NUM_CLASSES, images.shape[1], 100 * images.shape[0]))
+    self.method = exp.method
+    self.state = exp.init_state(jax.random.key(0))
+    self.step = make_train_step(exp)
     self.batch = mesh_lib.global_batch({'image': images, 'label': labels}, self.mesh)
     start = time.perf_counter()
     self.compiled = self.step.lower(self.state, self.batch).compile()

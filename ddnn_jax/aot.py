@@ -39,14 +39,11 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ddnn_jax import (
-    costs,
     evaluate,
+    experiment,
     input_pipeline,
-    methods,
     models,
-    optim,
     train,
-    train_state,
 )
 from ddnn_jax import mesh as mesh_lib
 from ddnn_jax.tpu_slices import GIB, AotError, Slice, parse_topology, topology_devices
@@ -103,11 +100,6 @@ def _compile(name: str, batch_field: str, batch_per_chip: int, jitted, *args) ->
                  compile_seconds=time.perf_counter() - start)
 
 
-def _with_shardings(abstract, shardings):
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      abstract, shardings)
-
-
 def _batch(image_size: int, global_batch: int, mesh, *, train: bool) -> dict:
   return mesh_lib.sharded_batch_spec(
       input_pipeline.batch_spec(image_size, global_batch, train=train), mesh)
@@ -131,32 +123,39 @@ def _train_examples(config) -> int:
   return TRAIN_EXAMPLES[data.name]
 
 
-def compile_train_step(config, mesh, num_classes: int, train_examples: int,
-                       global_batch: int, name: str = 'train_step') -> Program:
-  """The trainer's jitted step for `config`, lowered from abstract shapes."""
-  steps_per_epoch = max(1, input_pipeline.steps_per_epoch(train_examples, global_batch))
-  method = methods.create_method(config, num_classes, steps_per_epoch)
-  tx, schedule = optim.create_optimizer(config, steps_per_epoch)
-  size = config.data.image_size
-  abstract, sharding = train_state.state_shardings(method.model, method.depths, tx,
-                                                   (size, size, 3), mesh)
-  step = train.make_train_step(method, tx, schedule, sharding, mesh)
-  return _compile(name, 'batch_size', global_batch // mesh.size, step,
-                  _with_shardings(abstract, sharding),
-                  _batch(size, global_batch, mesh, train=True))
+def build(config, mesh, num_classes: int, train_examples: int,
+          global_batch: int | None = None) -> experiment.Experiment:
+  """The run's assembly at `global_batch` (default: the config's). The split
+  size only sets the schedule's length, so a batch larger than the split (a
+  max-batch probe) compiles as one step per epoch."""
+  if global_batch is not None:
+    config = copy.deepcopy(config)
+    config.batch_size = global_batch
+  data = experiment.DataSpec(num_classes, config.data.image_size,
+                             max(train_examples, config.batch_size))
+  return experiment.build(config, mesh, data)
 
 
-def compile_eval_programs(config, method: methods.Method, mesh) -> list[Program]:
-  """The all-depth eval step and each depth's inference forward of `method`."""
-  model, size, batch = method.model, config.data.image_size, config.eval_batch_size
-  shapes = costs.abstract_variables(model, size, method.depths)
-  variables = _with_shardings(shapes, jax.tree.map(lambda _: mesh_lib.replicated(mesh),
-                                                   shapes))
-  eval_batch = _batch(size, batch, mesh, train=False)
+def compile_train_step(exp: experiment.Experiment, name: str = 'train_step') -> Program:
+  """The trainer's jitted step of `exp`, lowered from abstract shapes."""
+  batch, replicated = exp.config.batch_size, mesh_lib.replicated(exp.mesh)
+  teacher = () if exp.method.teacher is None else (jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      exp.method.teacher.variables),)
+  return _compile(name, 'batch_size', batch // exp.mesh.size, train.make_train_step(exp),
+                  exp.abstract_state, _batch(exp.data.image_size, batch, exp.mesh, train=True),
+                  *teacher)
+
+
+def compile_eval_programs(exp: experiment.Experiment) -> list[Program]:
+  """The all-depth eval step and each depth's inference forward of `exp`."""
+  model, mesh, batch = exp.model, exp.mesh, exp.config.eval_batch_size
+  variables = exp.abstract_variables
+  eval_batch = _batch(exp.data.image_size, batch, mesh, train=False)
   programs = [_compile('eval_step', 'eval_batch_size', batch // mesh.size,
-                       evaluate.make_eval_step(model, method.depths, mesh),
+                       evaluate.make_eval_step(model, exp.depths, mesh),
                        variables, eval_batch)]
-  for depth in method.depths:
+  for depth in exp.depths:
     programs.append(_compile(f'forward {models.depth_tag(depth)}', 'eval_batch_size',
                              batch // mesh.size,
                              evaluate.make_forward(model, depth, mesh), variables,
@@ -320,28 +319,28 @@ def check_slice(config, slice_: Slice, options: Options = Options(),
       mesh_lib.check_batch_size(config[field], mesh, field)
     except ValueError as e:
       raise AotError(f'{slice_.name}: {e}') from e
-  method = methods.create_method(config, classes)
+  exp = build(config, mesh, classes, examples)
   log(f'compiling {config.model.name} ({config.method}) for {slice_.name}: '
       f'{slice_.num_chips} x {slice_.chip.name}')
-  programs = [compile_train_step(config, mesh, classes, examples, config.batch_size)]
+  programs = [compile_train_step(exp)]
   log(f'  compiled train_step in {programs[0].compile_seconds:.0f} s')
   if options.baseline and config.method != 'individual':
-    programs.append(compile_train_step(full_net_alone(config), mesh, classes, examples,
-                                       config.batch_size, name='full_net_alone'))
+    programs.append(compile_train_step(build(full_net_alone(config), mesh, classes, examples),
+                                       name='full_net_alone'))
     log(f'  compiled full_net_alone in {programs[-1].compile_seconds:.0f} s')
   if options.eval_programs:
-    programs += compile_eval_programs(config, method, mesh)
-    log(f'  compiled the eval step and {len(method.depths)} forwards')
+    programs += compile_eval_programs(exp)
+    log(f'  compiled the eval step and {len(exp.depths)} forwards')
   report = SliceReport(slice_, config.batch_size, options, examples, programs,
                        setup={'model': config.model.name, 'method': config.method,
                               'dtype': config.model.dtype,
-                              'depths': [list(d) for d in method.depths]})
+                              'depths': [list(d) for d in exp.depths]})
   if options.max_batch:
     compiled = {programs[0].batch_per_chip: programs[0]}  # the config's own batch
 
     def measure(per_chip: int) -> int | None:
       program = compiled.get(per_chip) or compile_train_step(
-          config, mesh, classes, examples, per_chip * mesh.size)
+          build(config, mesh, classes, examples, per_chip * mesh.size))
       log(f'  per-chip train batch {per_chip}: '
           + ('out of memory' if program.error else f'{program.total / GIB:.2f} GiB'))
       return None if program.error else program.total

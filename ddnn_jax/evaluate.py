@@ -193,32 +193,18 @@ def load_config(workdir: str, config_file: str | None = None) -> ml_collections.
 def restore(workdir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
             step: int | None = None) -> tuple[methods_lib.Method, dict, int]:
   """(method, model variables, step) of the run's latest (or `step`)
-  checkpoint, replicated on `mesh`. Only the variables are read; an optimizer is
-  built only for a checkpoint of the legacy one-item layout."""
-  from ddnn_jax import checkpointing, input_pipeline, methods, optim  # noqa: PLC0415
-  from ddnn_jax.train_state import state_shardings  # noqa: PLC0415
+  checkpoint, replicated on `mesh`. Only the variables are read (a checkpoint
+  of the legacy one-item layout is read whole, optimizer state included)."""
+  from ddnn_jax import checkpointing, experiment, input_pipeline  # noqa: PLC0415
 
   info = input_pipeline.get_info(config.data)
-  method = methods.create_method(config, info.num_classes)
-  image_shape = (info.image_size, info.image_size, 3)
-  abstract = jax.eval_shape(lambda rng: models.init_variables(
-      method.model, rng, jnp.zeros((1, *image_shape), jnp.float32), method.depths),
-      jax.random.key(0))
-  replicated = mesh_lib.replicated(mesh)
-  abstract = checkpointing.abstract_with_shardings(
-      abstract, jax.tree.map(lambda _: replicated, abstract))
+  exp = experiment.build(config, mesh, experiment.DataSpec.from_info(info, config))
   manager = checkpointing.create_manager(workdir, async_save=False)
   step = checkpointing.resolve_step(manager, step)
-  variables = checkpointing.restore_variables(manager, abstract, step)
+  variables = checkpointing.restore_variables(manager, exp.abstract_variables, step)
   if variables is None:  # the legacy layout holds the optimizer state too
-    train_examples = info.num_examples[config.data.train_split]
-    tx, _ = optim.create_optimizer(
-        config, max(1, input_pipeline.steps_per_epoch(train_examples, config.batch_size)))
-    abstract_state, shardings = state_shardings(method.model, method.depths, tx,
-                                                image_shape, mesh)
-    variables = checkpointing.restore(manager, checkpointing.abstract_with_shardings(
-        abstract_state, shardings), step).variables
-  return method, variables, step
+    variables = checkpointing.restore(manager, exp.abstract_state, step).variables
+  return exp.method, variables, step
 
 
 def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,

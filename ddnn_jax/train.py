@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -15,37 +14,44 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from ddnn_jax import checkpointing, evaluate, input_pipeline, methods, models, optim
+from ddnn_jax import checkpointing, evaluate, experiment, input_pipeline, models
 from ddnn_jax import mesh as mesh_lib
-from ddnn_jax.train_state import TrainState, create_train_state, state_shardings
+from ddnn_jax.train_state import TrainState
 
 
 class NonFiniteLossError(RuntimeError):
   pass
 
 
-def make_train_step(method: methods.Method, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, state_sharding: Any,
-                    mesh: jax.sharding.Mesh):
-  """Jitted (state, batch) -> (state, metrics); every depth runs in this one step."""
-  model, depths = method.model, method.depths
+def make_train_step(exp: experiment.Experiment):
+  """Jitted (state, batch, *exp.step_args) -> (state, metrics); every member
+  of the method (every depth) runs in this one step. `exp.step_args` holds a
+  frozen teacher's variables when the method has one, else nothing."""
+  method, tx, schedule, mesh = exp.method, exp.tx, exp.schedule, exp.mesh
+  model, depths, teacher = method.model, method.depths, method.teacher
 
-  def loss_fn(params, batch_stats, batch, step):
+  def loss_fn(params, batch_stats, batch, step, teacher_variables):
     outputs, updates = model.apply(
         {'params': params, 'batch_stats': batch_stats}, batch['image'], depths, True,
         method=model.forward_depths, mutable=['batch_stats'])
-    loss, terms = method.objective(outputs, batch['label'], step)
+    extra = {}
+    if teacher is not None:
+      extra['teacher_outputs'] = jax.lax.stop_gradient(teacher.model.apply(
+          teacher_variables, batch['image'], teacher.depths, False,
+          method=teacher.model.forward_depths))
+    loss, terms = method.objective(outputs, batch['label'], step, **extra)
     for depth, output in zip(depths, outputs):
       correct = jnp.argmax(output.logits, -1) == batch['label']
       terms[f'{models.depth_tag(depth)}/accuracy'] = correct.mean()
     return loss, (terms, updates.get('batch_stats', batch_stats))
 
-  def step(state: TrainState, batch):
+  def step(state: TrainState, batch, teacher_variables=None):
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (terms, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch,
-                                                       state.step)
+                                                       state.step, teacher_variables)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = {
@@ -59,8 +65,11 @@ def make_train_step(method: methods.Method, tx: optax.GradientTransformation,
                               batch_stats=batch_stats, opt_state=opt_state)
     return new_state, metrics
 
-  return jax.jit(step, in_shardings=(state_sharding, mesh_lib.batch_sharding(mesh)),
-                 out_shardings=(state_sharding, mesh_lib.replicated(mesh)),
+  in_shardings = (exp.state_sharding, mesh_lib.batch_sharding(mesh))
+  if teacher is not None:
+    in_shardings += (mesh_lib.replicated(mesh),)
+  return jax.jit(step, in_shardings=in_shardings,
+                 out_shardings=(exp.state_sharding, mesh_lib.replicated(mesh)),
                  donate_argnums=0)
 
 
@@ -100,34 +109,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh = mesh_lib.create_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh, 'batch_size')
   mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  info = _dataset_info(config.data)
-  train_examples = info.num_examples[config.data.train_split]
-  steps_per_epoch = input_pipeline.steps_per_epoch(train_examples, config.batch_size)
-  if steps_per_epoch < 1:
-    raise ValueError(
-        f'batch_size={config.batch_size} exceeds the {train_examples} training '
-        'examples; lower --config.batch_size')
-  method = methods.create_method(config, info.num_classes, steps_per_epoch)
-  num_steps = max(1, optim.epochs_to_steps(config.num_epochs, steps_per_epoch))
-  every = lambda epochs: max(1, optim.epochs_to_steps(epochs, steps_per_epoch))  # noqa: E731
-  tx, schedule = optim.create_optimizer(config, steps_per_epoch)
-  image_shape = (info.image_size, info.image_size, 3)
+  exp = experiment.build(config, mesh,
+                         experiment.DataSpec.from_info(_dataset_info(config.data), config))
+  method, num_steps = exp.method, exp.num_steps
 
   save_config(config, workdir)
-  _, state_sharding = state_shardings(method.model, method.depths, tx, image_shape, mesh)
-  state = create_train_state(method.model, method.depths, tx,
-                             jax.random.key(config.seed), image_shape, mesh)
   manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
   if manager.latest_step() is not None:
-    abstract = checkpointing.abstract_with_shardings(state, state_sharding)
-    state = checkpointing.restore(manager, abstract)
+    state = checkpointing.restore(manager, exp.abstract_state)
     logging.info('resumed from step %d', int(state.step))
+  else:
+    state = exp.init_state()
   start_step = int(state.step)
 
-  train_step, eval_step = _compile_steps(
-      make_train_step(method, tx, schedule, state_sharding, mesh),
-      evaluate.make_eval_step(method.model, method.depths, mesh), state, config,
-      info.image_size, mesh)
+  train_step, eval_step = _compile_steps(exp, state)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
   if start_step == 0:
@@ -150,22 +145,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   history: list[tuple[int, dict]] = []
   eval_metrics: dict[str, float] = {}
   logging.info('training %s (%s) for %d steps (%d per epoch), depths %s',
-               config.model.name, config.method, num_steps, steps_per_epoch,
+               config.model.name, config.method, num_steps, exp.steps_per_epoch,
                method.depths)
   with metric_writers.ensure_flushes(writer):
     for step in range(start_step + 1, num_steps + 1):
-      state, metrics = train_step(state, mesh_lib.global_batch(next(batches), mesh))
+      state, metrics = train_step(state, mesh_lib.global_batch(next(batches), mesh),
+                                  *exp.step_args)
       history.append((step, metrics))
       report(step)
       is_last = step == num_steps
-      save_now = is_last or step % every(config.checkpoint_every_epochs) == 0
+      save_now = is_last or step % exp.every(config.checkpoint_every_epochs) == 0
       if save_now or step % config.log_every_steps == 0:
         _check_finite(history)
         writer.write_scalars(step, _mean_metrics(history))
         history = []
       if save_now:
         checkpointing.save(manager, step, state)
-      if is_last or step % every(config.eval_every_epochs) == 0:
+      if is_last or step % exp.every(config.eval_every_epochs) == 0:
         eval_metrics = run_eval(step)
     if start_step >= num_steps:
       eval_metrics = run_eval(start_step)
@@ -178,35 +174,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   return eval_metrics
 
 
-def _compile_steps(train_step, eval_step, state: TrainState,
-                   config: ml_collections.ConfigDict, image_size: int,
-                   mesh: jax.sharding.Mesh):
+def _compile_steps(exp: experiment.Experiment, state: TrainState):
   """Compiles the train and eval programs (every depth) before step 1, so that
   shape and memory errors appear at once; logs how long each took (with JAX's
   persistent cache, a rerun loads them instead)."""
+  config, mesh = exp.config, exp.mesh
+
   def spec(batch_size, train):
     return mesh_lib.sharded_batch_spec(
-        input_pipeline.batch_spec(image_size, batch_size, train=train), mesh)
+        input_pipeline.batch_spec(exp.data.image_size, batch_size, train=train), mesh)
 
   start = time.perf_counter()
-  train_step = train_step.lower(state, spec(config.batch_size, True)).compile()
+  train_step = make_train_step(exp).lower(state, spec(config.batch_size, True),
+                                          *exp.step_args).compile()
   middle = time.perf_counter()
-  eval_step = eval_step.lower(state.variables, spec(config.eval_batch_size, False)).compile()
+  eval_step = evaluate.make_eval_step(exp.model, exp.depths, mesh).lower(
+      state.variables, spec(config.eval_batch_size, False)).compile()
   logging.info('compiled the train step in %.1f s and the eval step in %.1f s',
                middle - start, time.perf_counter() - middle)
   return train_step, eval_step
 
 
 def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
-  flat = {}
-
-  def visit(prefix, value):
-    if isinstance(value, dict):
-      for k, v in value.items():
-        visit(f'{prefix}.{k}' if prefix else k, v)
-    else:
-      flat[prefix] = value if isinstance(value, (int, float, str, bool)) else json.dumps(value)
-
-  visit('', config.to_dict())
-  return flat
-
+  """Dotted field -> value; values TensorBoard's hparams cannot hold as JSON."""
+  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v)
+          for k, v in flat.items()}

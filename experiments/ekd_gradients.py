@@ -41,10 +41,16 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddnn_jax import evaluate, input_pipeline, losses, methods, models, optim  # noqa: E402
+from ddnn_jax import (  # noqa: E402
+  evaluate,
+  experiment,
+  input_pipeline,
+  losses,
+  methods,
+  models,
+)
 from ddnn_jax import mesh as mesh_lib  # noqa: E402
 from ddnn_jax.train import make_train_step  # noqa: E402
-from ddnn_jax.train_state import create_train_state, state_shardings  # noqa: E402
 
 GROUPS = ('stem', 'stage1', 'stage2', 'stage3', 'head')
 
@@ -133,16 +139,11 @@ def main() -> None:
   runtime.configure_cpu_process(config.model.conv_impl)
 
   info = input_pipeline.get_info(config.data)
-  steps_per_epoch = input_pipeline.steps_per_epoch(
-      info.num_examples[config.data.train_split], config.batch_size)
-  method = methods.create_method(config, info.num_classes, steps_per_epoch)
   mesh = mesh_lib.create_mesh()
-  tx, schedule = optim.create_optimizer(config, steps_per_epoch)
-  shape = (info.image_size, info.image_size, 3)
-  _, sharding = state_shardings(method.model, method.depths, tx, shape, mesh)
-  state = create_train_state(method.model, method.depths, tx, jax.random.key(config.seed),
-                             shape, mesh)
-  train_step = make_train_step(method, tx, schedule, sharding, mesh)
+  exp = experiment.build(config, mesh, experiment.DataSpec.from_info(info, config))
+  method = exp.method
+  state = exp.init_state()
+  train_step = make_train_step(exp)
   diagnose = make_diagnostics(method)
   batches = input_pipeline.train_batches(config.data, global_batch_size=config.batch_size,
                                          seed=config.seed)

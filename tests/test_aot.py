@@ -190,7 +190,7 @@ def test_usable_hbm_is_what_the_compiler_allows(topology):
 def compile_step(topology, global_batch):
   config = smoke_config(batch_size=global_batch)
   mesh = aot.mesh_lib.create_mesh(tpu_slices.topology_devices(tpu_slices.parse_topology(topology)))
-  return aot.compile_train_step(config, mesh, 10, 1437, global_batch)
+  return aot.compile_train_step(aot.build(config, mesh, 10, 1437, global_batch))
 
 
 def test_flops_per_step_scale_with_the_global_batch(smoke_report):

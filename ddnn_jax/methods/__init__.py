@@ -1,0 +1,25 @@
+"""Training methods as plug-ins: `config.method` names an entry of the registry.
+
+One module per method (ekd.py, joint_ce.py, individual.py, ...) registers a
+builder `(config, num_classes, steps_per_epoch) -> Method` under its name with
+`@register('name')`; `create_method(config, ...)` looks it up. base.py defines
+the interface (`Method`, `Teacher`, objectives) and the helpers methods share.
+A new method is a new file here plus its import below.
+"""
+
+from ddnn_jax.methods import ekd, individual, joint_ce  # noqa: F401, E402 -- they register
+from ddnn_jax.methods.base import (
+    Builder,
+    Method,
+    Objective,
+    Teacher,
+    create_method,
+    create_model,
+    names,
+    phased,
+    register,
+    train_depths,
+)
+
+__all__ = ['Builder', 'Method', 'Objective', 'Teacher', 'create_method', 'create_model',
+           'names', 'phased', 'register', 'train_depths']

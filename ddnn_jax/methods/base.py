@@ -1,0 +1,163 @@
+"""The method interface: what a training method gives the trainer and evaluation.
+
+A method fixes the network(s) a step trains, the members of it that run in
+every step (the depths of a DDNN), the objective over their outputs, and
+optionally a frozen teacher that runs in the step without being trained.
+
+What the interface carries:
+- one DDNN at several depths (ekd, joint_ce) or one standalone net (individual);
+- several networks trained together (peers, a multi-branch model with a gate):
+  `model` is any Flax module with `forward_depths(images, members, train)`
+  returning one output (`.logits`, `.features`) per member, `full_depth` (the
+  member evaluation compares the others with) and `check_depth`; a gate's
+  output is one more member or a term of the objective;
+- a frozen teacher restored from another workdir: `Teacher(model, variables,
+  depths)`; the train step runs it under stop_gradient and passes its outputs
+  to the objective as `teacher_outputs`; its variables are a step argument
+  (replicated), never baked into the program as constants;
+- multi-phase training: the objective receives the step, so its terms can
+  change over epochs (`phased` switches between objectives at step bounds,
+  the KD ramp-up scales terms).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ddnn_jax import losses, models
+
+# (outputs of forward_depths, labels, step, *, teacher_outputs=None) -> (loss, terms)
+Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  """A network the train step runs but does not train."""
+  model: nn.Module
+  variables: Any  # its {'params', 'batch_stats'} (host or device arrays)
+  depths: tuple[Any, ...]  # the members whose outputs the objective receives
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  model: nn.Module  # a DDNNResNet, or any module with the same forward_depths
+  depths: tuple[Any, ...]  # every member a train step runs, the reference (full) last
+  objective: Objective
+  ekd: losses.EKDConfig | None = None  # the KD settings the objective uses, if any
+  rampup_steps: int = 0  # steps of the KD ramp-up (0: none)
+  teacher: Teacher | None = None
+
+
+# (config, num_classes, steps_per_epoch or None) -> Method
+Builder = Callable[[ml_collections.ConfigDict, int, 'int | None'], Method]
+_REGISTRY: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+  """Decorator: makes `config.method = name` build a Method with the builder."""
+  def decorate(builder: Builder) -> Builder:
+    if name in _REGISTRY and _REGISTRY[name] is not builder:
+      raise ValueError(f'method {name!r} is registered twice')
+    _REGISTRY[name] = builder
+    return builder
+  return decorate
+
+
+def names() -> tuple[str, ...]:
+  """The registered method names."""
+  return tuple(_REGISTRY)
+
+
+def create_method(config: ml_collections.ConfigDict, num_classes: int,
+                  steps_per_epoch: int | None = None) -> Method:
+  """The method of `config`; `steps_per_epoch` is needed by a KD ramp-up only."""
+  builder = _REGISTRY.get(config.method)
+  if builder is None:
+    raise ValueError(
+        f'unknown method {config.method!r}; set --config.method to one of {names()}')
+  return builder(config, num_classes, steps_per_epoch)
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int,
+                 stage_sizes: Sequence[int] | None = None) -> models.DDNNResNet:
+  """The DDNN of `config.model` (`stage_sizes`: a standalone net of that depth)."""
+  m = config.model
+  return models.create_model(
+      m.name, num_classes, width_multiplier=m.width_multiplier, bn_mode=m.bn_mode,
+      dtype=m.dtype, zero_init_residual=m.zero_init_residual,
+      conv_impl=m.get('conv_impl', 'xla'), stage_sizes=stage_sizes)
+
+
+def train_depths(config: ml_collections.ConfigDict,
+                 model: models.DDNNResNet) -> tuple[models.Depth, ...]:
+  """The configured depths, validated, without repeats, the full depth last."""
+  depths = []
+  for depth in config.depths:
+    depth = model.check_depth(depth)
+    if depth not in depths and depth != model.full_depth:
+      depths.append(depth)
+  return (*depths, model.full_depth)
+
+
+def rampup_steps(ekd: losses.EKDConfig, steps_per_epoch: int | None) -> int:
+  """`ekd.rampup_epochs` in steps (0: none, or no steps_per_epoch given)."""
+  if ekd.rampup_epochs and steps_per_epoch is not None:
+    return max(1, round(ekd.rampup_epochs * steps_per_epoch))
+  return 0
+
+
+def ekd_objective(model: models.DDNNResNet, depths: tuple[models.Depth, ...],
+                  ekd: losses.EKDConfig, ramp: int) -> Objective:
+  """Every depth's cross-entropy plus the full net's KD terms (losses.ekd_loss),
+  the KD terms scaled by a sigmoid ramp-up over `ramp` steps."""
+
+  def objective(outputs, labels, step, *, teacher_outputs=None):
+    del teacher_outputs  # the teacher is the full depth of this step
+    if ekd.rampup_epochs and not ramp:  # evaluation needs no objective
+      raise ValueError('ekd.rampup_epochs needs steps_per_epoch in create_method')
+    kd_scale = losses.sigmoid_rampup(step, ramp)
+    loss, terms = losses.ekd_loss(outputs, depths, labels, model.full_depth, ekd,
+                                  kd_scale=kd_scale)
+    if ramp:
+      terms['kd_scale'] = kd_scale
+    return loss, terms
+
+  return objective
+
+
+def phased(*phases: tuple[int, Objective]) -> Objective:
+  """An objective that is `phases[i][1]` from step `phases[i][0]` on.
+
+  The first phase starts at step 0. One program holds every phase (lax.switch
+  runs only the current one); a term missing from a phase reads 0 there, and
+  the term 'phase' is the index of the current phase.
+  """
+  starts = [start for start, _ in phases]
+  if not phases or starts[0] != 0 or starts != sorted(set(starts)):
+    raise ValueError(f'phase starts {starts} must begin at 0 and increase')
+
+  def objective(outputs, labels, step, **kwargs):
+    branches = [lambda o, obj=obj: obj(o, labels, step, **kwargs) for _, obj in phases]
+    shapes = [jax.eval_shape(b, outputs)[1] for b in branches]
+    keys = sorted(set().union(*shapes))
+
+    def padded(branch, shape):
+      def run(o):
+        loss, terms = branch(o)
+        return loss, {k: (terms[k] if k in shape else jnp.zeros((), jnp.float32)).astype(
+            jnp.float32) for k in keys}
+      return run
+
+    index = jnp.searchsorted(jnp.asarray(starts), step, side='right') - 1
+    loss, terms = jax.lax.switch(index, [padded(b, s) for b, s in zip(branches, shapes)],
+                                 outputs)
+    return loss, {**terms, 'phase': index}
+
+  return objective

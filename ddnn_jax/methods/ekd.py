@@ -1,0 +1,20 @@
+"""EKD: every depth of one DDNN in each step; the full net teaches the others
+(METHODS.md section 2; the defaults of configs/base.py are what docs/RESULTS.md
+found to work)."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from ddnn_jax import losses
+from ddnn_jax.methods import base
+
+
+@base.register('ekd')
+def build(config: ml_collections.ConfigDict, num_classes: int,
+          steps_per_epoch: int | None = None) -> base.Method:
+  model = base.create_model(config, num_classes)
+  depths = base.train_depths(config, model)
+  ekd = losses.EKDConfig(**config.ekd.to_dict())
+  ramp = base.rampup_steps(ekd, steps_per_epoch)
+  return base.Method(model, depths, base.ekd_objective(model, depths, ekd, ramp), ekd, ramp)

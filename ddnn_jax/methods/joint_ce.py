@@ -1,0 +1,21 @@
+"""Joint training: every depth of one DDNN in each step, cross-entropy only (no KD)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from ddnn_jax import losses
+from ddnn_jax.methods import base
+
+
+@base.register('joint_ce')
+def build(config: ml_collections.ConfigDict, num_classes: int,
+          steps_per_epoch: int | None = None) -> base.Method:
+  del steps_per_epoch  # no ramp-up
+  model = base.create_model(config, num_classes)
+  depths = base.train_depths(config, model)
+  ekd = dataclasses.replace(losses.EKDConfig(**config.ekd.to_dict()), alpha=0.0, beta=0.0,
+                            student_ce=1.0, rampup_epochs=0.0)
+  return base.Method(model, depths, base.ekd_objective(model, depths, ekd, 0), ekd, 0)
