@@ -200,10 +200,14 @@ def restore(workdir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.
   info = input_pipeline.get_info(config.data)
   exp = experiment.build(config, mesh, experiment.DataSpec.from_info(info, config))
   manager = checkpointing.create_manager(workdir, async_save=False)
-  step = checkpointing.resolve_step(manager, step)
-  variables = checkpointing.restore_variables(manager, exp.abstract_variables, step)
-  if variables is None:  # the legacy layout holds the optimizer state too
-    variables = checkpointing.restore(manager, exp.abstract_state, step).variables
+
+  def read(step):
+    variables = checkpointing.restore_variables(manager, exp.abstract_variables, step)
+    if variables is None:  # the legacy layout holds the optimizer state too
+      variables = checkpointing.restore(manager, exp.abstract_state, step).variables
+    return variables
+
+  variables, step, _ = checkpointing.restore_readable(manager, read, step)
   return exp.method, variables, step
 
 

@@ -16,7 +16,7 @@ runtime.configure_xla_flags()
 
 import jax  # noqa: E402  -- after XLA_FLAGS
 
-from ddnn_jax import onednn_conv, train  # noqa: E402
+from ddnn_jax import checkpointing, onednn_conv, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and eval results.')
@@ -96,7 +96,8 @@ def main(argv):
                       'them here; set NPROC to the number of cores to undo that')
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, train.NonFiniteLossError) as e:
+  except (ValueError, FileNotFoundError, train.NonFiniteLossError,
+          checkpointing.UnreadableCheckpointError) as e:
     print(f'error: {e}', file=sys.stderr)
     sys.exit(1)
 

@@ -116,8 +116,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   save_config(config, workdir)
   manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
   if manager.latest_step() is not None:
-    state = checkpointing.restore(manager, exp.abstract_state)
-    logging.info('resumed from step %d', int(state.step))
+    state, manager = _resume(workdir, manager, exp)
   else:
     state = exp.init_state()
   start_step = int(state.step)
@@ -172,6 +171,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                   eval_metrics, step=int(state.step), label=config.data.eval_split,
                   sample_images=next(iter(eval_batches()))['image'], mesh=mesh)
   return eval_metrics
+
+
+def _resume(workdir: str, manager, exp: experiment.Experiment):
+  """The newest readable checkpoint; unreadable newer ones are set aside
+  (moved, never deleted) so that training can save their steps again."""
+  state, step, unreadable = checkpointing.restore_readable(
+      manager, lambda s: checkpointing.restore(manager, exp.abstract_state, s))
+  if unreadable:
+    manager.close()
+    moved = checkpointing.set_aside(workdir, unreadable)
+    logging.warning('set the unreadable checkpoints aside: %s', ', '.join(moved))
+    manager = checkpointing.create_manager(workdir, keep=exp.config.keep_checkpoints)
+  logging.info('resumed from step %d', step)
+  return state, manager
 
 
 def _compile_steps(exp: experiment.Experiment, state: TrainState):

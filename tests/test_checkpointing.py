@@ -1,10 +1,13 @@
 """Checkpoint layout: variables and training state as two items; the legacy
 one-item layout still restores."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from ddnn_jax import checkpointing
 from ddnn_jax.train_state import TrainState
@@ -67,3 +70,58 @@ def test_legacy_one_item_checkpoints_restore_and_new_saves_follow(tmp_path):
   assert sorted(manager.all_steps()) == [3, 4]
   _assert_same(checkpointing.restore(manager, _abstract(new)), new)
   _assert_same(checkpointing.restore(manager, _abstract(old), step=3), old)
+
+
+def _damage(step_dir, how: str) -> None:
+  """Damages the variables item of a saved checkpoint as disks and people do."""
+  item = step_dir / checkpointing.VARIABLES_ITEM
+  if how == 'missing_metadata':
+    (item / '_METADATA').unlink()
+    return
+  for path in item.glob('**/d/*'):  # the OCDBT data files
+    data = path.read_bytes()
+    path.write_bytes(data[:len(data) // 3] if how == 'truncated' else b'\0garbage\0' * 64)
+
+
+@pytest.mark.parametrize('how', ['missing_metadata', 'truncated', 'overwritten'])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, how, caplog):
+  workdir = str(tmp_path)
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  for step in (2, 4):
+    checkpointing.save(manager, step, _state(step, float(step)))
+  _damage(tmp_path / 'checkpoints' / '4', how)
+  abstract = _abstract(_state(0, 0.0))
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  state, step, unreadable = checkpointing.restore_readable(
+      manager, lambda s: checkpointing.restore(manager, abstract, s))
+  if how == 'missing_metadata':  # a restore into a known tree does not need it
+    _assert_same(state, _state(4, 4.0))
+    # Reading without a target does: the evaluation and teacher path falls back.
+    variables, step = checkpointing.read_variables(workdir)
+    assert step == 2
+    _assert_same(variables, _state(2, 2.0).variables)
+    return
+  assert (step, unreadable) == (2, [4])
+  _assert_same(state, _state(2, 2.0))
+  assert any('checkpoint step 4' in r.getMessage() and 'unreadable' in r.getMessage()
+             for r in caplog.records)
+  # Asked for by step, the damaged one is a one-line error naming the readable ones.
+  with pytest.raises(checkpointing.UnreadableCheckpointError,
+                     match=r'step 4 .* unreadable .*readable steps: \[2\]'):
+    checkpointing.restore_readable(
+        manager, lambda s: checkpointing.restore(manager, abstract, s), 4)
+  # Set aside, not deleted; the step can be saved again.
+  (moved,) = checkpointing.set_aside(workdir, unreadable)
+  assert os.path.isdir(moved) and not (tmp_path / 'checkpoints' / '4').exists()
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  checkpointing.save(manager, 4, _state(4, 5.0))
+  _assert_same(checkpointing.restore(manager, abstract), _state(4, 5.0))
+
+
+def test_a_checkpoint_of_another_model_is_unreadable_not_a_traceback(tmp_path):
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  checkpointing.save(manager, 1, _state(1, 1.0))
+  other = _abstract(_state(0, 0.0)).replace(
+      params={'dense': {'kernel': jax.ShapeDtypeStruct((5, 2), jnp.float32)}})
+  with pytest.raises(checkpointing.UnreadableCheckpointError, match='no checkpoint .* is readable'):
+    checkpointing.restore_readable(manager, lambda s: checkpointing.restore(manager, other, s))

@@ -182,6 +182,22 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params_of(workdir)[0]))
 
 
+def test_a_damaged_latest_checkpoint_is_set_aside_and_the_rerun_redoes_its_steps(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(smoke_config(), workdir)  # saves steps 4, 8 and 9
+  saved, step = params_of(workdir)
+  assert step == 9
+  for path in glob.glob(os.path.join(workdir, 'checkpoints', '9', '*', '**', 'd', '*'),
+                        recursive=True):
+    with open(path, 'r+b') as f:  # a truncated write
+      f.truncate(os.path.getsize(path) // 3)
+  train.train_and_evaluate(smoke_config(), workdir)  # resumes from 8, trains step 9
+  assert os.path.isdir(os.path.join(workdir, 'checkpoints_unreadable', '9'))
+  redone, step = params_of(workdir)
+  assert step == 9
+  jax.tree.map(np.testing.assert_array_equal, saved, redone)
+
+
 # The equality runs use the at_p2 attention map: zscore_sum standardises the
 # 2x2 stage-3 maps of 8x8 digits, whose variance is near zero, and its gradient
 # then amplifies float32 round-off from the cross-device sums (1 vs 8 devices
