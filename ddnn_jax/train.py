@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import time
 
 import jax
@@ -32,6 +31,7 @@ def make_train_step(exp: experiment.Experiment):
   frozen teacher's variables when the method has one, else nothing."""
   method, tx, schedule, mesh = exp.method, exp.tx, exp.schedule, exp.mesh
   model, depths, teacher = method.model, method.depths, method.teacher
+  skip_nonfinite = exp.config.get('skip_nonfinite_steps', False)
 
   def loss_fn(params, batch_stats, batch, step, teacher_variables):
     outputs, updates = model.apply(
@@ -63,6 +63,11 @@ def make_train_step(exp: experiment.Experiment):
     }
     new_state = state.replace(step=state.step + 1, params=params,
                               batch_stats=batch_stats, opt_state=opt_state)
+    finite = _all_finite((loss, grads, params, batch_stats))
+    if skip_nonfinite:  # keep the old state, count the step
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
+                               state.replace(step=state.step + 1))
+    metrics['train/nonfinite'] = 1 - finite.astype(jnp.int32)
     return new_state, metrics
 
   in_shardings = (exp.state_sharding, mesh_lib.batch_sharding(mesh))
@@ -73,19 +78,41 @@ def make_train_step(exp: experiment.Experiment):
                  donate_argnums=0)
 
 
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
 def _mean_metrics(history: list[tuple[int, dict]]) -> dict[str, float]:
+  """Means over the steps of `history` that were finite, and how many were not."""
   values = jax.device_get([m for _, m in history])
-  return {k: float(np.mean([v[k] for v in values])) for k in values[0]}
+  finite = [v for v in values if not v['train/nonfinite']] or values
+  means = {k: float(np.mean([v[k] for v in finite])) for k in values[0]}
+  means['train/nonfinite'] = float(sum(v['train/nonfinite'] for v in values))
+  return means
 
 
-def _check_finite(history: list[tuple[int, dict]]) -> None:
-  losses = jax.device_get([m['train/loss'] for _, m in history])
-  for (step, _), loss in zip(history, losses):
-    if not math.isfinite(float(loss)):
-      raise NonFiniteLossError(
-          f'loss is {float(loss)} at step {step}; training stopped and the last '
-          'checkpoint (from before that step) is kept. Lower the learning rate or '
-          'check the data, then rerun to resume from that checkpoint.')
+def _check_finite(history: list[tuple[int, dict]], config: ml_collections.ConfigDict,
+                  manager) -> None:
+  """Raises NonFiniteLossError at the first step of `history` whose loss,
+  gradients, parameters or BatchNorm statistics are not finite, before any of
+  it is saved (unless config.skip_nonfinite_steps: the step kept the old state)."""
+  flags = jax.device_get([m['train/nonfinite'] for _, m in history])
+  bad = [(step, metrics) for (step, metrics), flag in zip(history, flags) if flag]
+  if not bad or config.get('skip_nonfinite_steps', False):
+    return
+  step, metrics = bad[0]
+  values = jax.device_get(metrics)
+  terms = [k.removeprefix('train/') for k, v in values.items()
+           if k != 'train/nonfinite' and not np.isfinite(v).all()]
+  manager.wait_until_finished()
+  latest = manager.latest_step()
+  resume = (f'the rerun resumes from checkpoint step {latest}' if latest is not None
+            else 'no checkpoint exists, so the rerun starts from step 0')
+  raise NonFiniteLossError(
+      f'training diverged at step {step}: non-finite '
+      f'{", ".join(terms) or "parameters or BatchNorm statistics"}; nothing of it was '
+      f'saved and {resume}. Lower --config.optim.learning_rate or check the data '
+      '(--config.skip_nonfinite_steps=True skips such steps instead)')
 
 
 def _dataset_info(data: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
@@ -111,66 +138,75 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
   exp = experiment.build(config, mesh,
                          experiment.DataSpec.from_info(_dataset_info(config.data), config))
-  method, num_steps = exp.method, exp.num_steps
-
   save_config(config, workdir)
   manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
   if manager.latest_step() is not None:
     state, manager = _resume(workdir, manager, exp)
   else:
     state = exp.init_state()
-  start_step = int(state.step)
-
   train_step, eval_step = _compile_steps(exp, state)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
-  if start_step == 0:
+  if int(state.step) == 0:
     writer.write_hparams(_flat_hparams(config))
-  report = periodic_actions.ReportProgress(num_train_steps=num_steps, writer=writer)
 
-  def eval_batches():
-    return input_pipeline.eval_batches(config.data, split=config.data.eval_split,
-                                       global_batch_size=config.eval_batch_size)
-
-  def run_eval(step: int) -> dict[str, float]:
-    metrics = evaluate.evaluate_depths(method.model, state.variables, eval_batches(),
-                                       method.depths, mesh, eval_step)
-    writer.write_scalars(step, {f'eval/{k}': v for k, v in metrics.items()})
+  def evaluate_and_log(state: TrainState) -> dict[str, float]:
+    metrics = evaluate.evaluate_depths(exp.model, state.variables, _eval_batches(config),
+                                       exp.depths, mesh, eval_step)
+    writer.write_scalars(int(state.step), {f'eval/{k}': v for k, v in metrics.items()})
     return metrics
 
+  try:
+    with metric_writers.ensure_flushes(writer):
+      state, eval_metrics = _train_loop(exp, state, train_step, manager, writer,
+                                        evaluate_and_log)
+  finally:  # no save left half-written, whatever stopped the loop
+    manager.wait_until_finished()
+    manager.close()
+  # The report a user reads: json, Markdown table and plot in the workdir.
+  evaluate.report(workdir, config, exp.model, state.variables, exp.depths,
+                  eval_metrics, step=int(state.step), label=config.data.eval_split,
+                  sample_images=next(iter(_eval_batches(config)))['image'], mesh=mesh)
+  return eval_metrics
+
+
+def _eval_batches(config: ml_collections.ConfigDict):
+  return input_pipeline.eval_batches(config.data, split=config.data.eval_split,
+                                     global_batch_size=config.eval_batch_size)
+
+
+def _train_loop(exp: experiment.Experiment, state: TrainState, train_step, manager,
+                writer, evaluate_and_log) -> tuple[TrainState, dict[str, float]]:
+  """Steps from state.step to exp.num_steps with logs, checks, saves and evals;
+  returns the final state and the last evaluation's metrics."""
+  config, start_step = exp.config, int(state.step)
+  report = periodic_actions.ReportProgress(num_train_steps=exp.num_steps, writer=writer)
   batches = input_pipeline.train_batches(
       config.data, global_batch_size=config.batch_size, seed=config.seed,
       start_step=start_step)
   history: list[tuple[int, dict]] = []
   eval_metrics: dict[str, float] = {}
   logging.info('training %s (%s) for %d steps (%d per epoch), depths %s',
-               config.model.name, config.method, num_steps, exp.steps_per_epoch,
-               method.depths)
-  with metric_writers.ensure_flushes(writer):
-    for step in range(start_step + 1, num_steps + 1):
-      state, metrics = train_step(state, mesh_lib.global_batch(next(batches), mesh),
-                                  *exp.step_args)
-      history.append((step, metrics))
-      report(step)
-      is_last = step == num_steps
-      save_now = is_last or step % exp.every(config.checkpoint_every_epochs) == 0
-      if save_now or step % config.log_every_steps == 0:
-        _check_finite(history)
-        writer.write_scalars(step, _mean_metrics(history))
-        history = []
-      if save_now:
-        checkpointing.save(manager, step, state)
-      if is_last or step % exp.every(config.eval_every_epochs) == 0:
-        eval_metrics = run_eval(step)
-    if start_step >= num_steps:
-      eval_metrics = run_eval(start_step)
-  manager.wait_until_finished()
-  manager.close()
-  # The report a user reads: json, Markdown table and plot in the workdir.
-  evaluate.report(workdir, config, method.model, state.variables, method.depths,
-                  eval_metrics, step=int(state.step), label=config.data.eval_split,
-                  sample_images=next(iter(eval_batches()))['image'], mesh=mesh)
-  return eval_metrics
+               config.model.name, config.method, exp.num_steps, exp.steps_per_epoch,
+               exp.depths)
+  for step in range(start_step + 1, exp.num_steps + 1):
+    state, metrics = train_step(state, mesh_lib.global_batch(next(batches), exp.mesh),
+                                *exp.step_args)
+    history.append((step, metrics))
+    report(step)
+    is_last = step == exp.num_steps
+    save_now = is_last or step % exp.every(config.checkpoint_every_epochs) == 0
+    if save_now or step % config.log_every_steps == 0:
+      _check_finite(history, config, manager)  # before anything of it is saved
+      writer.write_scalars(step, _mean_metrics(history))
+      history = []
+    if save_now:
+      checkpointing.save(manager, step, state)
+    if is_last or step % exp.every(config.eval_every_epochs) == 0:
+      eval_metrics = evaluate_and_log(state)
+  if start_step >= exp.num_steps:
+    eval_metrics = evaluate_and_log(state)
+  return state, eval_metrics
 
 
 def _resume(workdir: str, manager, exp: experiment.Experiment):

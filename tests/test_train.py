@@ -170,16 +170,41 @@ def test_resume_continues_schedule_and_data_order(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, full, resumed)
 
 
-def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+def test_divergence_on_a_save_step_saves_nothing_and_names_the_step(tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config(num_epochs=0.1), workdir)  # saves step 4
-  with pytest.raises(train.NonFiniteLossError, match='at step 6'):
-    # An infinite learning rate turns the parameters to inf at step 5, so the
-    # loss of step 6 is not finite.
-    train.train_and_evaluate(smoke_config(**{'optim.learning_rate': float('inf'),
-                                             'optim.schedule': 'constant'}), workdir)
-  assert params_of(workdir)[1] == 4
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params_of(workdir)[0]))
+  saved, _ = params_of(workdir)
+  # An infinite learning rate makes the parameters of step 5 non-finite; every
+  # step is a save step, so the check must come before the save.
+  with pytest.raises(train.NonFiniteLossError,
+                     match=r'diverged at step 5: non-finite .*param_norm.*'
+                           r'resumes from checkpoint step 4'):
+    train.train_and_evaluate(smoke_config(**{
+        'optim.learning_rate': float('inf'), 'optim.schedule': 'constant',
+        'checkpoint_every_epochs': 0.01, 'log_every_steps': 100}), workdir)
+  kept, step = params_of(workdir)
+  assert step == 4
+  jax.tree.map(np.testing.assert_array_equal, saved, kept)
+  assert not glob.glob(os.path.join(workdir, 'checkpoints', '*tmp*'))
+
+
+def test_divergence_without_a_checkpoint_says_the_rerun_starts_over(tmp_path):
+  with pytest.raises(train.NonFiniteLossError, match='no checkpoint exists'):
+    train.train_and_evaluate(smoke_config(**{
+        'optim.learning_rate': float('inf'), 'optim.schedule': 'constant'}), str(tmp_path))
+
+
+def test_the_skip_policy_keeps_the_state_of_non_finite_steps_and_counts_them(tmp_path):
+  workdir = str(tmp_path)
+  train.train_and_evaluate(smoke_config(num_epochs=0.1), workdir)  # saves step 4
+  saved, _ = params_of(workdir)
+  train.train_and_evaluate(smoke_config(**{
+      'optim.learning_rate': float('inf'), 'optim.schedule': 'constant',
+      'skip_nonfinite_steps': True}), workdir)
+  kept, step = params_of(workdir)
+  assert step == 9  # the steps ran; every update was non-finite and skipped
+  jax.tree.map(np.testing.assert_array_equal, saved, kept)
+  assert sum(scalars(workdir, 'train/nonfinite').values()) == 5
 
 
 def test_a_damaged_latest_checkpoint_is_set_aside_and_the_rerun_redoes_its_steps(tmp_path):
