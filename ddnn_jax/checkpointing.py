@@ -109,6 +109,12 @@ def read_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
   return variables, step
 
 
+def has_checkpoints(workdir: str) -> bool:
+  """Whether `workdir` holds any checkpoint step (without creating anything)."""
+  path = epath.Path(checkpoint_dir(workdir))
+  return path.is_dir() and any(p.name.isdigit() for p in path.iterdir())
+
+
 def resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
   """`step`, or the latest step when None; a clear error when there is none."""
   if step is None:

@@ -96,9 +96,11 @@ def main(argv):
                       'them here; set NPROC to the number of cores to undo that')
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, train.NonFiniteLossError,
-          checkpointing.UnreadableCheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)
+  except (ValueError, FileNotFoundError, checkpointing.UnreadableCheckpointError) as e:
+    print(f'error: {e}', file=sys.stderr)  # the input is wrong: as a bad flag
+    sys.exit(2)
+  except train.NonFiniteLossError as e:
+    print(f'error: {e}', file=sys.stderr)  # the run failed
     sys.exit(1)
 
 

@@ -16,7 +16,14 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from ddnn_jax import checkpointing, evaluate, experiment, input_pipeline, models
+from ddnn_jax import (
+  checkpointing,
+  evaluate,
+  experiment,
+  input_pipeline,
+  models,
+  preemption,
+)
 from ddnn_jax import mesh as mesh_lib
 from ddnn_jax.train_state import TrainState
 
@@ -123,7 +130,41 @@ def _dataset_info(data: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo
   return info if jax.process_index() == 0 else input_pipeline.get_info(data)
 
 
+# Fields a run may change when it resumes: durations, cadences, where the data
+# lives and how it is read. Every other field shapes the state or its updates.
+SAFE_TO_CHANGE = ('num_epochs', 'log_every_steps', 'eval_every_epochs',
+                  'checkpoint_every_epochs', 'keep_checkpoints', 'eval_batch_size',
+                  'skip_nonfinite_steps', 'model.conv_impl', 'data.root', 'data.data_dir',
+                  'data.prefetch', 'data.decode_once', 'data.cache', 'data.eval_split')
+
+
+def _flat(config_json: str) -> dict:
+  return traverse_util.flatten_dict(json.loads(config_json), sep='.')
+
+
+def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """A workdir belongs to its config: raises ValueError listing the fields that
+  differ from the saved config.json in a way that changes the state (only when
+  the workdir holds checkpoints); logs the safe changes. Fields on one side
+  only (a config written by another version of the code) are not compared."""
+  path = epath.Path(workdir) / 'config.json'
+  if not path.exists() or not checkpointing.has_checkpoints(workdir):
+    return
+  old, new = _flat(path.read_text()), _flat(config.to_json_best_effort())
+  changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+  unsafe = [k for k in changed if k not in SAFE_TO_CHANGE]
+  if unsafe:
+    fields = ', '.join(f'{k} {old[k]!r} -> {new[k]!r}' for k in unsafe)
+    raise ValueError(
+        f'{workdir} holds checkpoints of another config ({fields}); use a new --workdir, '
+        f'or resume with the config saved in {path}')
+  if changed:
+    logging.info('resuming with changed settings: %s',
+                 ', '.join(f'{k} {old[k]!r} -> {new[k]!r}' for k in changed))
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes config.json (after check_config has accepted `config`)."""
   if jax.process_index() == 0:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
@@ -133,6 +174,7 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns
   the final evaluation metrics."""
+  check_config(config, workdir)  # before anything is written
   mesh = mesh_lib.create_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh, 'batch_size')
   mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
@@ -157,12 +199,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return metrics
 
   try:
-    with metric_writers.ensure_flushes(writer):
+    with metric_writers.ensure_flushes(writer), preemption.Preemption() as preempt:
       state, eval_metrics = _train_loop(exp, state, train_step, manager, writer,
-                                        evaluate_and_log)
+                                        evaluate_and_log, preempt)
   finally:  # no save left half-written, whatever stopped the loop
     manager.wait_until_finished()
     manager.close()
+  if preempt.signal_name is not None:
+    logging.warning('%s: saved step %d and stopped; rerun the same command to resume',
+                    preempt.signal_name, int(state.step))
+    return {}
   # The report a user reads: json, Markdown table and plot in the workdir.
   evaluate.report(workdir, config, exp.model, state.variables, exp.depths,
                   eval_metrics, step=int(state.step), label=config.data.eval_split,
@@ -176,9 +222,11 @@ def _eval_batches(config: ml_collections.ConfigDict):
 
 
 def _train_loop(exp: experiment.Experiment, state: TrainState, train_step, manager,
-                writer, evaluate_and_log) -> tuple[TrainState, dict[str, float]]:
+                writer, evaluate_and_log, preempt: preemption.Preemption
+                ) -> tuple[TrainState, dict[str, float]]:
   """Steps from state.step to exp.num_steps with logs, checks, saves and evals;
-  returns the final state and the last evaluation's metrics."""
+  returns the final state and the last evaluation's metrics. A preemption
+  signal saves the step in progress and returns at once."""
   config, start_step = exp.config, int(state.step)
   report = periodic_actions.ReportProgress(num_train_steps=exp.num_steps, writer=writer)
   batches = input_pipeline.train_batches(
@@ -195,13 +243,17 @@ def _train_loop(exp: experiment.Experiment, state: TrainState, train_step, manag
     history.append((step, metrics))
     report(step)
     is_last = step == exp.num_steps
-    save_now = is_last or step % exp.every(config.checkpoint_every_epochs) == 0
+    preempted = preempt.reached(step)
+    save_now = (is_last or preempted
+                or step % exp.every(config.checkpoint_every_epochs) == 0)
     if save_now or step % config.log_every_steps == 0:
       _check_finite(history, config, manager)  # before anything of it is saved
       writer.write_scalars(step, _mean_metrics(history))
       history = []
     if save_now:
       checkpointing.save(manager, step, state)
+    if preempted:
+      return state, eval_metrics
     if is_last or step % exp.every(config.eval_every_epochs) == 0:
       eval_metrics = evaluate_and_log(state)
   if start_step >= exp.num_steps:

@@ -3,6 +3,8 @@
 import glob
 import json
 import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -221,6 +223,65 @@ def test_a_damaged_latest_checkpoint_is_set_aside_and_the_rerun_redoes_its_steps
   redone, step = params_of(workdir)
   assert step == 9
   jax.tree.map(np.testing.assert_array_equal, saved, redone)
+
+
+def _signal_at(monkeypatch, step: int, signum=signal.SIGTERM) -> None:
+  """Sends `signum` to this process when the trainer fetches step `step`'s batch."""
+  real = train.input_pipeline.train_batches
+
+  def batches(*args, start_step, **kwargs):
+    for fetched, batch in enumerate(real(*args, start_step=start_step, **kwargs),
+                                    start_step + 1):
+      if fetched == step:
+        os.kill(os.getpid(), signum)
+      yield batch
+
+  monkeypatch.setattr(train.input_pipeline, 'train_batches', batches)
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp('uninterrupted'))
+  train.train_and_evaluate(smoke_config(), workdir)  # saves 4, 8 and 9
+  return params_of(workdir)
+
+
+# Step 2: nothing saved yet. Step 5: the async save of step 4 is in flight.
+# Step 9: the last step. SIGINT (Ctrl-C) does the same as SIGTERM.
+@pytest.mark.parametrize('step, signum', [(2, signal.SIGTERM), (5, signal.SIGTERM),
+                                          (9, signal.SIGTERM), (3, signal.SIGINT)])
+def test_a_preemption_signal_saves_the_step_and_the_rerun_is_bit_identical(
+    tmp_path, monkeypatch, caplog, uninterrupted, step, signum):
+  workdir = str(tmp_path)
+  with monkeypatch.context() as patch:
+    _signal_at(patch, step, signum)
+    assert train.train_and_evaluate(smoke_config(), workdir) == {}
+  assert params_of(workdir)[1] == step
+  assert any(f'saved step {step} and stopped' in r.getMessage() for r in caplog.records)
+  assert not os.path.exists(os.path.join(workdir, f'eval_{smoke_config().data.eval_split}.json'))
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handlers restored
+  train.train_and_evaluate(smoke_config(), workdir)  # resumes
+  resumed, resumed_step = params_of(workdir)
+  expected, expected_step = uninterrupted
+  assert resumed_step == expected_step == 9
+  jax.tree.map(np.testing.assert_array_equal, expected, resumed)
+
+
+def test_a_workdir_refuses_a_config_that_changes_the_state_and_takes_safe_changes(
+    default_run, tmp_path, caplog):
+  workdir = str(tmp_path)
+  shutil.copytree(default_run[0], workdir, dirs_exist_ok=True)
+  saved = (tmp_path / 'config.json').read_text()
+  with pytest.raises(ValueError, match=r"another config \(method 'ekd' -> 'joint_ce', "
+                                       r'model.width_multiplier 0.125 -> 0.25\)'):
+    train.train_and_evaluate(smoke_config(method='joint_ce', **{
+        'model.width_multiplier': 0.25}), workdir)
+  assert (tmp_path / 'config.json').read_text() == saved  # untouched
+  caplog.set_level('INFO')
+  train.train_and_evaluate(smoke_config(log_every_steps=1, keep_checkpoints=2,
+                                        eval_every_epochs=0.1), workdir)
+  assert any('changed settings: eval_every_epochs 0.2 -> 0.1' in r.getMessage()
+             for r in caplog.records)
 
 
 # The equality runs use the at_p2 attention map: zscore_sum standardises the
