@@ -6,7 +6,7 @@ call `base.get_config()`.
 
 import ml_collections
 
-from ddnn_jax import input_pipeline
+from configs import datasets
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -47,7 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.ekd.student_ce = 1.0  # weight of the sub-nets' own cross-entropy
   config.ekd.rampup_epochs = 1.0  # sigmoid ramp-up of alpha and beta (0: none)
 
-  config.data = input_pipeline.default_data_config('digits')
+  config.data = datasets.data_config('digits')
 
   config.batch_size = 128  # global, over all devices and processes
   config.eval_batch_size = 256  # global
@@ -74,7 +74,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The `smoke` variant: same method and model family, embedded data, seconds."""
-  config.data = input_pipeline.default_data_config('digits')
+  config.data = datasets.data_config('digits')
   config.model.width_multiplier = min(config.model.width_multiplier, 0.125)
   config.model.dtype = 'float32'
   config.batch_size = 32

@@ -35,6 +35,7 @@ import tensorflow_datasets as tfds
 
 from ddnn_jax.datasets import digits, image_folder
 
+# configs/datasets.py has a preset of `config.data` for each (its NAMES).
 DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet2012', 'image_folder')
 AUGMENTATIONS = ('none', 'crop_flip', 'inception')
 _TFDS_NAMES = {'digits': 'ddnn_digits', 'cifar10': 'cifar10', 'cifar100': 'cifar100',
@@ -50,68 +51,6 @@ def _hide_accelerators_from_tf() -> None:
 
 
 _hide_accelerators_from_tf()
-
-
-def dataset_defaults(name: str) -> dict:
-  """The fields of `default_data_config` that depend on the dataset."""
-  _check_name(name)
-  cifar = dict(image_size=32, augment='crop_flip', crop_padding=4, flip=True,
-               train_split='train', eval_split='test')
-  return {
-      # Digits are not mirror-symmetric: 1-pixel shifts only. Mean/std: the
-      # train split's pixels (gray, so every channel alike).
-      'digits': dict(image_size=8, augment='crop_flip', crop_padding=1, flip=False,
-                     train_split='train', eval_split='test',
-                     mean=(78.0, 78.0, 78.0), std=(96.0, 96.0, 96.0)),
-      'cifar10': dict(cifar, mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7)),
-      'cifar100': dict(cifar, mean=(129.3, 124.1, 112.4), std=(68.2, 65.4, 70.4)),
-      'imagenet2012': dict(image_size=224, augment='inception', crop_padding=0,
-                           flip=True, train_split='train', eval_split='validation',
-                           mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
-                           in_memory=False),
-      # Tuned for the CIFAR-10 JPEG tar; override for other folders.
-      'image_folder': dict(cifar, eval_split='validation',
-                           mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7)),
-  }[name]
-
-
-def default_data_config(name: str = 'digits') -> ml_collections.ConfigDict:
-  """`config.data` for dataset `name`; override fields after calling this."""
-  data = ml_collections.ConfigDict()
-  data.name = name  # one of DATASETS
-  # image_folder: ROOT laid out ROOT/<split>/<class>/<image>.jpg|png, or a
-  # .tar/.tar.gz of that layout (extracted once into a cache folder).
-  data.root = ml_collections.config_dict.placeholder(str)
-  data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; None = TFDS default
-  data.train_split = 'train'
-  data.eval_split = 'test'
-  # image_folder without a ROOT/validation folder: 'validation' is a hold-out
-  # of validation_size examples of ROOT/train (validation_fraction of it when
-  # validation_size is 0), chosen by a permutation seeded with validation_seed;
-  # 'train' is the rest. Other split names are whole folders.
-  data.validation_size = 5000
-  data.validation_fraction = 0.1
-  data.validation_seed = 0
-  # True: index an in-memory source (exact, process-count independent order).
-  # False: stream TFDS files per process (for datasets too big for memory).
-  data.in_memory = True
-  data.image_size = 32  # side of the square images the model sees
-  data.augment = 'crop_flip'  # training augmentation, one of AUGMENTATIONS
-  data.crop_padding = 4  # crop_flip: zero padding before the random crop
-  data.flip = True  # crop_flip / inception: random horizontal flip
-  data.mean = (0.0, 0.0, 0.0)  # per-channel mean in 0..255 units
-  data.std = (255.0, 255.0, 255.0)  # per-channel std in 0..255 units
-  data.shuffle_buffer = 16_384  # streaming path only: examples
-  data.prefetch = 2  # batches prepared ahead of the trainer
-  # image_folder of equal-size images: decode every image once into a uint8
-  # array cached beside the extracted tar (CIFAR-10: 150 MB, decoded in ~10 s,
-  # loaded in ~1 s), instead of decoding each JPEG in every epoch. Same pixels.
-  data.decode_once = True
-  # Streaming path only: keep this process's shard in memory after the first
-  # epoch. In-memory sources ignore it (image folders: the OS caches files).
-  data.cache = False
-  data.update(dataset_defaults(name))
-  return data
 
 
 @dataclasses.dataclass(frozen=True)

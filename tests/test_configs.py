@@ -10,7 +10,7 @@ from ddnn_jax import evaluate, methods, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
-                 if not p.endswith(('__init__.py', 'base.py')))
+                 if not p.endswith(('__init__.py', 'base.py', 'datasets.py')))
 
 
 def load(name, arg=''):
@@ -34,6 +34,18 @@ def test_full_config_is_valid(name):
   assert len(method.depths) >= 2
   config.method = 'individual'
   assert methods.create_method(config, num_classes).depths == (tuple(config.individual_depth),)
+
+
+def test_dataset_presets_cover_the_pipeline_datasets():
+  from configs import datasets
+  from ddnn_jax import input_pipeline
+
+  assert datasets.NAMES == input_pipeline.DATASETS == tuple(datasets.PRESETS)
+  for name in datasets.NAMES:
+    data = datasets.data_config(name)
+    assert data.augment in input_pipeline.AUGMENTATIONS
+    assert data.name == name and all(data.num_examples.values())
+  assert not datasets.data_config('image_folder').num_examples  # depends on the root
 
 
 def test_unknown_config_argument_is_rejected():
