@@ -304,6 +304,7 @@ def pipeline(args) -> None:
   import_jax()
   from configs import datasets
   from ddnn_jax import input_pipeline
+  input_pipeline.hide_accelerators_from_tf()
   data = datasets.data_config('image_folder')
   data.root = args.tar
   start = time.perf_counter()

@@ -435,6 +435,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   # The host side needs no accelerator: never claim a local TPU or GPU.
   jax.config.update('jax_platforms', 'cpu')
+  input_pipeline.hide_accelerators_from_tf()
   options = Options(utilization=FLAGS.utilization, hbm_fraction=FLAGS.hbm_fraction,
                     baseline=FLAGS.baseline, eval_programs=FLAGS.eval_programs,
                     max_batch=FLAGS.find_max_batch, train_examples=FLAGS.train_examples)

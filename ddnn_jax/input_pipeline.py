@@ -42,15 +42,14 @@ _TFDS_NAMES = {'digits': 'ddnn_digits', 'cifar10': 'cifar10', 'cifar100': 'cifar
                'imagenet2012': 'imagenet2012'}
 
 
-def _hide_accelerators_from_tf() -> None:
-  # JAX owns the GPUs/TPUs; TensorFlow only runs the CPU input pipeline.
+def hide_accelerators_from_tf() -> None:
+  """Keeps TensorFlow off the GPUs/TPUs: JAX owns them, and TF only runs the
+  CPU input pipeline. Entry points call it before TF starts (before the first
+  pipeline or dataset is built); once TF has started it changes nothing."""
   for kind in ('GPU', 'TPU'):
     # RuntimeError: TF already initialised; ValueError: no such device kind.
     with contextlib.suppress(RuntimeError, ValueError):
       tf.config.set_visible_devices([], kind)
-
-
-_hide_accelerators_from_tf()
 
 
 @dataclasses.dataclass(frozen=True)

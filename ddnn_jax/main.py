@@ -16,7 +16,7 @@ runtime.configure_xla_flags()
 
 import jax  # noqa: E402  -- after XLA_FLAGS
 
-from ddnn_jax import checkpointing, onednn_conv, train  # noqa: E402
+from ddnn_jax import checkpointing, input_pipeline, onednn_conv, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and eval results.')
@@ -82,6 +82,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
+  input_pipeline.hide_accelerators_from_tf()  # before TF starts
   one_xla_thread = runtime.configure_cpu_process(  # before JAX starts its threads
       FLAGS.config.model.get('conv_impl', 'xla'), FLAGS.keep_freed_host_memory)
   initialize_distributed()

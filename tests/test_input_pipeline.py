@@ -7,7 +7,11 @@ directly, and image files decoded here.
 
 import collections
 import io
+import os
+import subprocess
+import sys
 import tarfile
+import textwrap
 
 import numpy as np
 import pytest
@@ -18,6 +22,8 @@ from conftest import CIFAR_CLASSES
 from configs import datasets
 from ddnn_jax import input_pipeline
 from ddnn_jax.datasets import digits, image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -332,3 +338,23 @@ def test_bad_inputs(data_dir, tmp_path):
   imagenet.data_dir = str(tmp_path / 'empty')
   with pytest.raises(FileNotFoundError, match='manual download.*tfds build imagenet2012'):
     input_pipeline.get_info(imagenet)
+
+
+# ---------------------------------------------------------------- TensorFlow's devices
+
+
+def test_importing_the_pipeline_leaves_tf_devices_alone():
+  # The entry points (main, evaluate, aot) hide them explicitly. A fresh process:
+  # here TF has long started. Records the calls instead of making them.
+  script = textwrap.dedent("""
+      import tensorflow as tf
+      calls = []
+      tf.config.set_visible_devices = lambda devices, kind: calls.append((devices, kind))
+      from ddnn_jax import input_pipeline
+      assert calls == [], calls
+      input_pipeline.hide_accelerators_from_tf()
+      assert calls == [([], 'GPU'), ([], 'TPU')], calls
+      """)
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
