@@ -1,7 +1,11 @@
 """Every shipped config: the full version is valid, the smoke version trains."""
 
+import ast
 import glob
 import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -34,6 +38,42 @@ def test_full_config_is_valid(name):
   assert len(method.depths) >= 2
   config.method = 'individual'
   assert methods.create_method(config, num_classes).depths == (tuple(config.individual_depth),)
+
+
+@pytest.mark.parametrize('name', CONFIGS + ['base.py', 'datasets.py'])
+def test_loading_a_config_imports_neither_tensorflow_nor_ddnn_jax(name):
+  # A fresh process: this one has imported both long ago.
+  script = textwrap.dedent(f"""
+      import importlib.util, sys
+      sys.path.insert(0, {ROOT!r})
+      spec = importlib.util.spec_from_file_location('config', {os.path.join(ROOT, 'configs', name)!r})
+      module = importlib.util.module_from_spec(spec)
+      spec.loader.exec_module(module)
+      if hasattr(module, 'get_config'):
+        module.get_config()
+      loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'ddnn_jax'))
+      assert not loaded, loaded
+      """)
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_configs_import_only_ml_collections_configs_and_the_stdlib():
+  for path in glob.glob(os.path.join(ROOT, 'configs', '*.py')):
+    with open(path) as f:
+      tree = ast.parse(f.read())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+      elif isinstance(node, ast.ImportFrom):
+        names = [node.module or '']
+      else:
+        continue
+      for module in names:
+        top = module.split('.')[0]
+        assert top in ('ml_collections', 'configs') or top in sys.stdlib_module_names, (
+            f'{os.path.basename(path)} imports {module}')
 
 
 def test_dataset_presets_cover_the_pipeline_datasets():
