@@ -1,6 +1,7 @@
 """Entry point: python -m ddnn_jax.main --config configs/default.py --workdir DIR.
 
-Any config field can be overridden: --config.num_epochs=5 --config.model.bn_mode=private_stats.
+Any config field can be overridden: --config.num_epochs=5 --config.model.bn_mode=private_stats,
+or in the config argument: --config configs/default.py:smoke,seed=3 (configs/base.py).
 """
 
 import logging as std_logging

@@ -88,9 +88,44 @@ def test_dataset_presets_cover_the_pipeline_datasets():
   assert not datasets.data_config('image_folder').num_examples  # depends on the root
 
 
+def test_config_argument_parses_smoke_aliases_and_paths():
+  from configs import base
+
+  assert base.parse_arg('') == base.parse_arg(None) == (False, [])
+  assert base.parse_arg("smoke, width=0.5,depths=((1,1,1),(2,2,2)),root='a,b'") == (
+      True, [('model.width_multiplier', '0.5'), ('depths', '((1,1,1),(2,2,2))'),
+             ('data.root', "'a,b'")])
+  assert base.parse_arg('model.bn_mode=private_stats,lr=0.2,batch=64,epochs=3') == (
+      False, [('model.bn_mode', 'private_stats'), ('optim.learning_rate', '0.2'),
+              ('batch_size', '64'), ('num_epochs', '3')])
+
+
+def test_config_argument_sets_typed_fields():
+  config = load('cifar10_folder.py', 'smoke,seed=3,width=0.5,epochs=2,method=joint_ce,'
+                'model.bn_mode=private_stats,root=2024,depths=((1,1,1),(3,3,3))')
+  assert config.data.name == 'digits'  # smoke first, then the items
+  assert config.seed == 3 and config.model.width_multiplier == 0.5
+  assert config.num_epochs == 2.0 and isinstance(config.num_epochs, float)  # int -> float
+  assert config.method == 'joint_ce' and config.model.bn_mode == 'private_stats'
+  assert config.data.root == '2024'  # a string field keeps the text
+  assert tuple(map(tuple, config.depths)) == ((1, 1, 1), (3, 3, 3))
+  # As `python -m ddnn_jax.main --config configs/default.py:smoke,seed=3` passes it.
+  from configs import default
+
+  assert default.get_config('smoke,seed=3').seed == 3
+  assert default.get_config('smoke,seed=3').to_dict() == load('default.py', 'smoke,seed=3').to_dict()
+
+
 def test_unknown_config_argument_is_rejected():
-  with pytest.raises(ValueError, match='only one is "smoke"'):
+  with pytest.raises(ValueError, match='neither "smoke" nor KEY=VALUE.*width, epochs'):
     load('cifar10.py', 'tiny')
+  with pytest.raises(ValueError, match="unknown config argument key 'depth'.*width "
+                     r'\(model.width_multiplier\)'):
+    load('cifar10.py', 'smoke,depth=2')
+  with pytest.raises(ValueError, match="unknown config argument key 'model.widht'"):
+    load('cifar10.py', 'model.widht=2')
+  with pytest.raises(ValueError, match='seed=2.5.*cannot be casted'):
+    load('cifar10.py', 'seed=2.5')
 
 
 @pytest.mark.parametrize('name', [c for c in CONFIGS if c != 'default.py'])  # in test_train
