@@ -302,8 +302,10 @@ def subnet(args) -> None:
 
 def pipeline(args) -> None:
   import_jax()
+  from configs import datasets
   from ddnn_jax import input_pipeline
-  data = input_pipeline.default_data_config('image_folder')
+  input_pipeline.hide_accelerators_from_tf()
+  data = datasets.data_config('image_folder')
   data.root = args.tar
   start = time.perf_counter()
   batches = input_pipeline.train_batches(data, global_batch_size=args.batch, seed=0)

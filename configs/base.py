@@ -4,9 +4,11 @@ Not a launchable config itself: import it with `from configs import base` and
 call `base.get_config()`.
 """
 
+import ast
+
 import ml_collections
 
-from ddnn_jax import input_pipeline
+from configs import datasets
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -47,7 +49,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.ekd.student_ce = 1.0  # weight of the sub-nets' own cross-entropy
   config.ekd.rampup_epochs = 1.0  # sigmoid ramp-up of alpha and beta (0: none)
 
-  config.data = input_pipeline.default_data_config('digits')
+  config.data = datasets.data_config('digits')
 
   config.batch_size = 128  # global, over all devices and processes
   config.eval_batch_size = 256  # global
@@ -74,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
 
 def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """The `smoke` variant: same method and model family, embedded data, seconds."""
-  config.data = input_pipeline.default_data_config('digits')
+  config.data = datasets.data_config('digits')
   config.model.width_multiplier = min(config.model.width_multiplier, 0.125)
   config.model.dtype = 'float32'
   config.batch_size = 32
@@ -88,10 +90,91 @@ def apply_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
+# Short names for config arguments (`--config file.py:width=0.5,epochs=30`);
+# any field path (`model.bn_mode=private_stats`, `eval_batch_size=64`) works too.
+ALIASES = {
+    'width': 'model.width_multiplier',
+    'epochs': 'num_epochs',
+    'seed': 'seed',
+    'lr': 'optim.learning_rate',
+    'batch': 'batch_size',
+    'method': 'method',
+    'root': 'data.root',
+}
+
+
+def _split_items(arg: str) -> list[str]:
+  """Splits on the commas outside brackets and quotes: `depths=((1,1,1),(2,2,2))`
+  is one item."""
+  items, current, depth, quote = [], [], 0, None
+  for char in arg:
+    if quote:
+      quote = None if char == quote else quote
+    elif char in '\'"':
+      quote = char
+    elif char in '([{':
+      depth += 1
+    elif char in ')]}':
+      depth -= 1
+    elif char == ',' and depth == 0:
+      items.append(''.join(current))
+      current = []
+      continue
+    current.append(char)
+  items.append(''.join(current))
+  return [item.strip() for item in items if item.strip()]
+
+
+def parse_arg(arg: str | None) -> tuple[bool, list[tuple[str, str]]]:
+  """(smoke, [(field path, value text)]) of a config argument such as
+  'smoke,seed=2' or 'width=0.5,model.bn_mode=private_stats' (big_vision style)."""
+  smoke, fields = False, []
+  for item in _split_items(arg or ''):
+    key, sep, value = item.partition('=')
+    key = key.strip()
+    if not sep and key == 'smoke':
+      smoke = True
+    elif sep and key:
+      fields.append((ALIASES.get(key, key), value.strip()))
+    else:
+      raise ValueError(f'config argument {item!r} is neither "smoke" nor KEY=VALUE; '
+                       f'KEY is an alias ({", ".join(ALIASES)}) or a field path '
+                       '(e.g. model.bn_mode)')
+  return smoke, fields
+
+
+def set_field(config: ml_collections.ConfigDict, path: str, text: str) -> None:
+  """Sets the existing field `path` to `text` read as a Python literal, else as
+  the string itself (also when the field is a string, e.g. root=2024)."""
+  *parents, leaf = path.split('.')
+  target = config
+  for name in [*parents, leaf]:
+    if not isinstance(target, ml_collections.ConfigDict) or name not in target:
+      raise ValueError(f'unknown config argument key {path!r}: not a field of the config '
+                       f'nor one of the aliases {", ".join(f"{k} ({v})" for k, v in ALIASES.items())}')
+    parent, target = target, target[name]
+  try:
+    value = ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    value = text
+  if parent.get_type(leaf) is str and value is not None and not isinstance(value, str):
+    value = text
+  try:
+    parent[leaf] = value  # ml_collections casts what it safely can (int -> float)
+  except TypeError as e:
+    raise ValueError(f'config argument {path}={text}: {e}') from e
+
+
 def variant(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-  """Applies the config argument (`--config file.py:smoke`); '' or None: as is."""
-  if arg == 'smoke':
-    return apply_smoke(config)
-  if arg:
-    raise ValueError(f'unknown config argument {arg!r}; the only one is "smoke"')
+  """Applies the config argument (`--config file.py:ARG`); '' or None: as is.
+
+  ARG is a comma-separated list: `smoke` (apply_smoke) and KEY=VALUE items, KEY
+  an alias of ALIASES or a field path, VALUE a Python literal or else a string.
+  `smoke` applies first, then the items in order, so `smoke,width=0.5` keeps 0.5.
+  """
+  smoke, fields = parse_arg(arg)
+  if smoke:
+    apply_smoke(config)
+  for path, text in fields:
+    set_field(config, path, text)
   return config

@@ -13,8 +13,7 @@ with a small net and few epochs there).
 
 import ml_collections
 
-from configs import base
-from ddnn_jax import input_pipeline
+from configs import base, datasets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -22,7 +21,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.name = 'cifar_resnet56'
   config.depths = ((1, 1, 1), (3, 3, 3), (5, 5, 5), (9, 9, 9))
   config.individual_depth = (9, 9, 9)
-  config.data = input_pipeline.default_data_config('cifar10')
+  config.data = datasets.data_config('cifar10')
   config.batch_size = 128
   config.eval_batch_size = 500
   config.num_epochs = 300.0

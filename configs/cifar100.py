@@ -9,11 +9,10 @@ ResNet-56 reference ~71-72%). About 3 h on one modern GPU.
 
 import ml_collections
 
-from configs import base, cifar10
-from ddnn_jax import input_pipeline
+from configs import base, cifar10, datasets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config = cifar10.get_config()
-  config.data = input_pipeline.default_data_config('cifar100')
+  config.data = datasets.data_config('cifar100')
   return base.variant(config, arg)

@@ -12,8 +12,7 @@ docs/RESULTS.md for measured times); on a GPU about 10 s.
 
 import ml_collections
 
-from configs import base
-from ddnn_jax import input_pipeline
+from configs import base, datasets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -21,7 +20,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.name = 'cifar_resnet20'
   config.depths = ((1, 1, 1), (2, 2, 2), (3, 3, 3))
   config.individual_depth = (3, 3, 3)
-  config.data = input_pipeline.default_data_config('image_folder')
+  config.data = datasets.data_config('image_folder')
   config.data.root = ''  # required: --config.data.root=PATH
   config.batch_size = 128
   config.eval_batch_size = 500

@@ -14,8 +14,7 @@ epochs at 30% of peak bf16, input pipeline and all-reduce not counted.
 
 import ml_collections
 
-from configs import base
-from ddnn_jax import input_pipeline
+from configs import base, datasets
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -25,7 +24,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.zero_init_residual = True
   config.depths = ((1, 1, 1, 1), (2, 2, 2, 2), (3, 4, 6, 3))
   config.individual_depth = (3, 4, 6, 3)
-  config.data = input_pipeline.default_data_config('imagenet2012')
+  config.data = datasets.data_config('imagenet2012')
   config.batch_size = 1024
   config.eval_batch_size = 1024
   config.num_epochs = 90.0

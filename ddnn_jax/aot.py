@@ -38,19 +38,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddnn_jax import (
-    evaluate,
-    experiment,
-    input_pipeline,
-    models,
-    train,
-)
+from ddnn_jax import evaluate, experiment, input_pipeline, models, train
 from ddnn_jax import mesh as mesh_lib
 from ddnn_jax.tpu_slices import GIB, AotError, Slice, parse_topology, topology_devices
-
-# Training-split sizes for the epoch-time projection (the data is not read).
-TRAIN_EXAMPLES = {'imagenet2012': 1_281_167, 'cifar10': 50_000, 'cifar100': 50_000,
-                  'digits': 1_437}
 
 
 @dataclasses.dataclass
@@ -113,14 +103,18 @@ def _num_classes(config) -> int:
 
 
 def _train_examples(config) -> int:
-  """Training examples per epoch of the config's dataset, without reading it."""
+  """Training examples per epoch of the config's dataset, without reading a TFDS
+  dataset: the preset's `data.num_examples` (configs/datasets.py), or for an
+  image folder, whose sizes depend on its root, the listed files."""
   data = config.data
   if data.name == 'image_folder':
     return input_pipeline.get_info(data).num_examples[data.train_split]
-  if data.train_split != 'train' or data.name not in TRAIN_EXAMPLES:
+  # .get: configs saved before the field existed lack it.
+  known = data.get('num_examples') or {}
+  if data.train_split not in known:
     raise AotError(f'the size of {data.name} split {data.train_split!r} is not known '
                    'without the data; pass --train_examples')
-  return TRAIN_EXAMPLES[data.name]
+  return known[data.train_split]
 
 
 def build(config, mesh, num_classes: int, train_examples: int,
@@ -441,6 +435,7 @@ def main(argv: Sequence[str]) -> None:
   del argv
   # The host side needs no accelerator: never claim a local TPU or GPU.
   jax.config.update('jax_platforms', 'cpu')
+  input_pipeline.hide_accelerators_from_tf()
   options = Options(utilization=FLAGS.utilization, hbm_fraction=FLAGS.hbm_fraction,
                     baseline=FLAGS.baseline, eval_programs=FLAGS.eval_programs,
                     max_batch=FLAGS.find_max_batch, train_examples=FLAGS.train_examples)

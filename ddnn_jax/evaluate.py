@@ -310,6 +310,9 @@ def main(argv: Sequence[str] | None = None, process_settings: bool = False) -> i
       runtime.configure_cpu_process(config.model.get('conv_impl', 'xla'))
     if args.recalibrate_bn < 0:
       raise ValueError(f'--recalibrate-bn must be >= 0, got {args.recalibrate_bn}')
+    from ddnn_jax import input_pipeline  # noqa: PLC0415
+
+    input_pipeline.hide_accelerators_from_tf()  # before TF starts
     run(args.workdir, config, step=args.step, split=args.split, root=args.root,
         batch_size=args.batch_size, recalibrate_bn=args.recalibrate_bn)
   except (ValueError, FileNotFoundError, KeyError) as e:

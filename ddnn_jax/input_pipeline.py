@@ -1,4 +1,9 @@
-"""Input pipeline: TFDS / ImageFolder datasets, augmentation, per-process batches.
+"""Input pipeline: per-process training and evaluation batches (tf.data).
+
+The datasets and their sources are `ddnn_jax.datasets.sources` (re-exported
+here: `get_info`, `num_classes`, `DatasetInfo`, `DATASETS`); the image ops are
+`ddnn_jax.preprocessing`. This module decides which example goes into which
+batch of which process.
 
 Datasets that fit in memory (digits, cifar10, cifar100, image_folder) are read
 as an indexable source: decoded uint8 arrays, or an image folder's file paths
@@ -16,15 +21,15 @@ does depend on the process count.
 
 Evaluation reads a whole split exactly once: the last global batch is padded,
 `mask` is False on padding, and every process yields as many batches.
+
+Entry points call `hide_accelerators_from_tf()` first, so TensorFlow leaves
+the GPUs/TPUs to JAX; importing this module changes nothing in TF.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import functools
 import itertools
-import os
 from collections.abc import Iterator
 
 import jax
@@ -33,214 +38,26 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddnn_jax.datasets import digits, image_folder
+from ddnn_jax.datasets import sources
+from ddnn_jax.datasets.sources import DATASETS, DatasetInfo, get_info, num_classes
+from ddnn_jax.preprocessing import AUGMENTATIONS, as_numpy_batches, preprocess
 
-DATASETS = ('digits', 'cifar10', 'cifar100', 'imagenet2012', 'image_folder')
-AUGMENTATIONS = ('none', 'crop_flip', 'inception')
-_TFDS_NAMES = {'digits': 'ddnn_digits', 'cifar10': 'cifar10', 'cifar100': 'cifar100',
-               'imagenet2012': 'imagenet2012'}
+__all__ = ['AUGMENTATIONS', 'DATASETS', 'DatasetInfo', 'batch_spec', 'eval_batches',
+           'get_info', 'hide_accelerators_from_tf', 'num_classes', 'steps_per_epoch',
+           'train_batches']
 
 
-def _hide_accelerators_from_tf() -> None:
-  # JAX owns the GPUs/TPUs; TensorFlow only runs the CPU input pipeline.
+def hide_accelerators_from_tf() -> None:
+  """Keeps TensorFlow off the GPUs/TPUs: JAX owns them, and TF only runs the
+  CPU input pipeline. Entry points call it before TF starts (before the first
+  pipeline or dataset is built); once TF has started it changes nothing."""
   for kind in ('GPU', 'TPU'):
     # RuntimeError: TF already initialised; ValueError: no such device kind.
     with contextlib.suppress(RuntimeError, ValueError):
       tf.config.set_visible_devices([], kind)
 
 
-_hide_accelerators_from_tf()
-
-
-def dataset_defaults(name: str) -> dict:
-  """The fields of `default_data_config` that depend on the dataset."""
-  _check_name(name)
-  cifar = dict(image_size=32, augment='crop_flip', crop_padding=4, flip=True,
-               train_split='train', eval_split='test')
-  return {
-      # Digits are not mirror-symmetric: 1-pixel shifts only. Mean/std: the
-      # train split's pixels (gray, so every channel alike).
-      'digits': dict(image_size=8, augment='crop_flip', crop_padding=1, flip=False,
-                     train_split='train', eval_split='test',
-                     mean=(78.0, 78.0, 78.0), std=(96.0, 96.0, 96.0)),
-      'cifar10': dict(cifar, mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7)),
-      'cifar100': dict(cifar, mean=(129.3, 124.1, 112.4), std=(68.2, 65.4, 70.4)),
-      'imagenet2012': dict(image_size=224, augment='inception', crop_padding=0,
-                           flip=True, train_split='train', eval_split='validation',
-                           mean=(123.675, 116.28, 103.53), std=(58.395, 57.12, 57.375),
-                           in_memory=False),
-      # Tuned for the CIFAR-10 JPEG tar; override for other folders.
-      'image_folder': dict(cifar, eval_split='validation',
-                           mean=(125.3, 123.0, 113.9), std=(63.0, 62.1, 66.7)),
-  }[name]
-
-
-def default_data_config(name: str = 'digits') -> ml_collections.ConfigDict:
-  """`config.data` for dataset `name`; override fields after calling this."""
-  data = ml_collections.ConfigDict()
-  data.name = name  # one of DATASETS
-  # image_folder: ROOT laid out ROOT/<split>/<class>/<image>.jpg|png, or a
-  # .tar/.tar.gz of that layout (extracted once into a cache folder).
-  data.root = ml_collections.config_dict.placeholder(str)
-  data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; None = TFDS default
-  data.train_split = 'train'
-  data.eval_split = 'test'
-  # image_folder without a ROOT/validation folder: 'validation' is a hold-out
-  # of validation_size examples of ROOT/train (validation_fraction of it when
-  # validation_size is 0), chosen by a permutation seeded with validation_seed;
-  # 'train' is the rest. Other split names are whole folders.
-  data.validation_size = 5000
-  data.validation_fraction = 0.1
-  data.validation_seed = 0
-  # True: index an in-memory source (exact, process-count independent order).
-  # False: stream TFDS files per process (for datasets too big for memory).
-  data.in_memory = True
-  data.image_size = 32  # side of the square images the model sees
-  data.augment = 'crop_flip'  # training augmentation, one of AUGMENTATIONS
-  data.crop_padding = 4  # crop_flip: zero padding before the random crop
-  data.flip = True  # crop_flip / inception: random horizontal flip
-  data.mean = (0.0, 0.0, 0.0)  # per-channel mean in 0..255 units
-  data.std = (255.0, 255.0, 255.0)  # per-channel std in 0..255 units
-  data.shuffle_buffer = 16_384  # streaming path only: examples
-  data.prefetch = 2  # batches prepared ahead of the trainer
-  # image_folder of equal-size images: decode every image once into a uint8
-  # array cached beside the extracted tar (CIFAR-10: 150 MB, decoded in ~10 s,
-  # loaded in ~1 s), instead of decoding each JPEG in every epoch. Same pixels.
-  data.decode_once = True
-  # Streaming path only: keep this process's shard in memory after the first
-  # epoch. In-memory sources ignore it (image folders: the OS caches files).
-  data.cache = False
-  data.update(dataset_defaults(name))
-  return data
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What the trainer needs to know of a dataset before reading it."""
-  num_classes: int
-  image_size: int
-  num_examples: dict[str, int]  # per usable split name (image_folder 'train': after the hold-out)
-  class_names: tuple[str, ...] | None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Split:
-  labels: np.ndarray  # int32 (n,)
-  images: np.ndarray | None = None  # uint8 (n, H, W, 3): TFDS datasets
-  paths: np.ndarray | None = None  # str (n,): image folders
-
-
-def _check_name(name: str) -> None:
-  if name not in DATASETS:
-    raise ValueError(f'unknown dataset {name!r}; set --config.data.name to one of '
-                     f'{", ".join(DATASETS)}')
-
-
-# ---------------------------------------------------------------- TFDS datasets
-
-
-@functools.lru_cache(maxsize=8)
-def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
-  """The prepared TFDS builder; prepares digits and downloads cifar if needed."""
-  if name == 'digits':
-    builder = digits.DdnnDigits(data_dir=data_dir)
-  else:
-    builder = tfds.builder(_TFDS_NAMES[name], data_dir=data_dir)
-  if builder.is_prepared():
-    return builder
-  where = data_dir or str(builder.data_path.parents[1])
-  fix = (f'run `tfds build {_TFDS_NAMES[name]} --data_dir {where}` or set '
-         '--config.data.data_dir to where it is prepared')
-  if name == 'imagenet2012':
-    raise FileNotFoundError(
-        f'imagenet2012 is not prepared in {where}; TFDS needs a manual download: '
-        f'put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar in '
-        f'{where}/downloads/manual and {fix}')
-  try:
-    builder.download_and_prepare()
-  except Exception as e:
-    if not builder.is_prepared():  # else another process prepared it meanwhile
-      cause = (str(e).splitlines() or [''])[0][:200]
-      raise FileNotFoundError(
-          f'TFDS dataset {_TFDS_NAMES[name]} is not prepared in {where} and could '
-          f'not be prepared ({type(e).__name__}: {cause}); {fix}') from e
-  return builder
-
-
-def _tfds_num_examples(builder: tfds.core.DatasetBuilder, split: str) -> int:
-  try:
-    return builder.info.splits[split].num_examples  # also 'train[:90%]' and such
-  except (KeyError, ValueError) as e:
-    raise ValueError(f'TFDS dataset {builder.name} has no split {split!r}; '
-                     f'available: {sorted(builder.info.splits)}') from e
-
-
-@functools.lru_cache(maxsize=4)
-def _tfds_split(name: str, data_dir: str | None, split: str) -> _Split:
-  builder = _builder(name, data_dir)
-  _tfds_num_examples(builder, split)
-  arrays = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
-  return _Split(arrays['label'].astype(np.int32), images=arrays['image'])
-
-
-# ---------------------------------------------------------------- image folders
-
-
-def _image_folder(data: ml_collections.ConfigDict,
-                  root: str | None = None) -> tuple[tuple[str, ...], dict[str, _Split]]:
-  """Class names and splits of the training root, or of the scoring `root`."""
-  class_names, splits = image_folder.splits(
-      data.root, data.data_dir, scoring_root=root, validation_size=data.validation_size,
-      validation_fraction=data.validation_fraction, validation_seed=data.validation_seed)
-  return class_names, {name: _Split(labels, paths=paths)
-                       for name, (paths, labels) in splits.items()}
-
-
-def _in_memory_split(data: ml_collections.ConfigDict, split: str,
-                     root: str | None = None) -> _Split:
-  if data.name == 'image_folder':
-    splits = _image_folder(data, root)[1]
-    if split not in splits:
-      raise ValueError(f'image_folder root {root or data.root} has no split {split!r}; '
-                       f'available: {sorted(splits)}')
-    source = splits[split]
-    if data.get('decode_once', False):
-      images = image_folder.decoded_images(source.paths, data.data_dir)
-      if images is not None:  # same pixels as decoding each file when it is used
-        return _Split(source.labels, images=images)
-    return source
-  if data.name == 'imagenet2012':
-    raise ValueError('imagenet2012 does not fit in memory; set --config.data.in_memory=False')
-  return _tfds_split(data.name, data.data_dir, split)
-
-
-def get_info(data: ml_collections.ConfigDict, root: str | None = None) -> DatasetInfo:
-  """Classes, image size and split sizes (of `root` instead, for image_folder)."""
-  _check_name(data.name)
-  if data.name == 'image_folder':
-    class_names, splits = _image_folder(data, root)
-    num_examples = {name: len(s.labels) for name, s in splits.items()}
-  else:
-    if root is not None:
-      raise ValueError(f'root= applies to image_folder only, not {data.name}')
-    builder = _builder(data.name, data.data_dir)
-    class_names = tuple(builder.info.features['label'].names)
-    named = {data.train_split, data.eval_split, *builder.info.splits}
-    num_examples = {s: _tfds_num_examples(builder, s) for s in named}
-  return DatasetInfo(len(class_names), data.image_size, num_examples, class_names)
-
-
-def num_classes(data: ml_collections.ConfigDict) -> int:
-  """The dataset's class count without preparing or reading a TFDS dataset
-  (an image folder is listed: its class folders are the classes)."""
-  _check_name(data.name)
-  if data.name == 'image_folder':
-    return get_info(data).num_classes
-  if data.name == 'digits':
-    builder = digits.DdnnDigits(data_dir=data.data_dir)
-  else:
-    builder = tfds.builder(_TFDS_NAMES[data.name], data_dir=data.data_dir)
-  return builder.info.features['label'].num_classes
+# ---------------------------------------------------------------- sizes and checks
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -268,59 +85,10 @@ def _train_steps(num_examples: int, global_batch_size: int, split: str) -> int:
   return steps
 
 
-# ---------------------------------------------------------------- preprocessing
-
-
-def _to_size(image: tf.Tensor, size: int) -> tf.Tensor:
-  """float32 (size, size, 3), resampled only when the image is another size."""
-  same = tf.reduce_all(tf.shape(image)[:2] == size)
-  image = tf.cond(same, lambda: tf.cast(image, tf.float32),
-                  lambda: tf.image.resize(image, [size, size]))
-  return tf.ensure_shape(image, [size, size, 3])
-
-
-def _random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-  begin, crop, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), tf.constant([[[0.0, 0.0, 1.0, 1.0]]]), seed=seed,
-      min_object_covered=0.08, aspect_ratio_range=(3 / 4, 4 / 3),
-      area_range=(0.08, 1.0), max_attempts=10, use_image_if_no_bounding_boxes=True)
-  return tf.image.resize(tf.slice(image, begin, crop), [size, size])
-
-
-def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Resize the shorter side to size / 0.875, then crop the centre square."""
-  hw = tf.cast(tf.shape(image)[:2], tf.float32)
-  new_hw = tf.cast(tf.round(hw * (size / 0.875) / tf.reduce_min(hw)), tf.int32)
-  image = tf.image.resize(image, new_hw)
-  top, left = (new_hw[0] - size) // 2, (new_hw[1] - size) // 2
-  return tf.image.crop_to_bounding_box(image, top, left, size, size)
-
-
-def _preprocess(image: tf.Tensor, data: ml_collections.ConfigDict, train: bool,
-                seed: tf.Tensor) -> tf.Tensor:
-  """uint8 (H, W, 3) -> float32 (S, S, 3) normalised; `seed`: int64 (2,)."""
-  size = data.image_size
-  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
-  if data.augment == 'inception':
-    image = (_random_resized_crop(image, size, crop_seed) if train
-             else _center_crop(image, size))
-    image = tf.ensure_shape(image, [size, size, 3])
-  else:
-    image = _to_size(image, size)
-    pad = data.crop_padding
-    if train and data.augment == 'crop_flip' and pad:
-      # Zero padding (black in 0..255 units), as in the CIFAR ResNet recipe.
-      image = tf.pad(image, [[pad, pad], [pad, pad], [0, 0]])
-      image = tf.image.stateless_random_crop(image, [size, size, 3], seed=crop_seed)
-  if train and data.flip and data.augment != 'none':
-    image = tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
-  return (image - tf.constant(data.mean, tf.float32)) / tf.constant(data.std, tf.float32)
-
-
 def _check(data: ml_collections.ConfigDict, global_batch_size: int,
            process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
   """(process index, process count, local batch size) after validation."""
-  _check_name(data.name)
+  sources.check_name(data.name)
   if data.augment not in AUGMENTATIONS:
     raise ValueError(f'unknown augment {data.augment!r}; set --config.data.augment '
                      f'to one of {", ".join(AUGMENTATIONS)}')
@@ -332,25 +100,10 @@ def _check(data: ml_collections.ConfigDict, global_batch_size: int,
   return index, count, global_batch_size // count
 
 
-def _options() -> tf.data.Options:
-  options = tf.data.Options()
-  options.deterministic = True
-  # One thread per element op, a private pool: the pipeline leaves TF's global
-  # pools (and the cores JAX computes on) alone.
-  options.threading.max_intra_op_parallelism = 1
-  options.threading.private_threadpool_size = min(os.cpu_count() or 1, 32)
-  return options
+# ---------------------------------------------------------------- public iterators
 
 
-def _finish(ds: tf.data.Dataset, data: ml_collections.ConfigDict,
-            local_batch: int) -> Iterator[dict[str, np.ndarray]]:
-  ds = ds.batch(local_batch, drop_remainder=True)
-  if data.prefetch:
-    ds = ds.prefetch(data.prefetch)
-  return iter(tfds.as_numpy(ds.with_options(_options())))
-
-
-def _indexed_examples(source: _Split, data: ml_collections.ConfigDict, train: bool,
+def _indexed_examples(source: sources.Split, data: ml_collections.ConfigDict, train: bool,
                       seed: int):
   """(index, epoch) -> {'image', 'label'} over an in-memory split."""
   labels = tf.constant(source.labels)
@@ -364,13 +117,10 @@ def _indexed_examples(source: _Split, data: ml_collections.ConfigDict, train: bo
       image = tf.io.decode_image(tf.io.read_file(tf.gather(table, index)), channels=3,
                                  expand_animations=False)
     op_seed = tf.stack([tf.constant(seed, tf.int64), epoch * num_examples + index])
-    return {'image': _preprocess(image, data, train, op_seed),
+    return {'image': preprocess(image, data, train, op_seed),
             'label': tf.gather(labels, index)}
 
   return example
-
-
-# ---------------------------------------------------------------- public iterators
 
 
 def _epoch_rows(num_examples: int, global_batch_size: int, seed: int, start_step: int,
@@ -395,7 +145,7 @@ def train_batches(data: ml_collections.ConfigDict, *, global_batch_size: int, se
   index, count, local = _check(data, global_batch_size, process_index, process_count)
   if not data.in_memory and data.name != 'image_folder':  # folders are read lazily anyway
     return _streaming_train(data, global_batch_size, seed, start_step, index, count)
-  source = _in_memory_split(data, data.train_split)
+  source = sources.in_memory_split(data, data.train_split)
   num_examples = len(source.labels)
   _train_steps(num_examples, global_batch_size, data.train_split)
   spec = tf.TensorSpec([local], tf.int64)
@@ -404,7 +154,7 @@ def train_batches(data: ml_collections.ConfigDict, *, global_batch_size: int, se
       output_signature=(spec, spec))
   ds = ds.unbatch().map(_indexed_examples(source, data, True, seed),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return _finish(ds, data, local)
+  return as_numpy_batches(ds, data, local)
 
 
 def eval_batches(data: ml_collections.ConfigDict, *, split: str | None = None,
@@ -420,7 +170,7 @@ def eval_batches(data: ml_collections.ConfigDict, *, split: str | None = None,
     raise ValueError(f'root= applies to image_folder only, not {data.name}')
   if not data.in_memory and data.name != 'image_folder':
     return _streaming_eval(data, split, index, count, local)
-  source = _in_memory_split(data, split, root)
+  source = sources.in_memory_split(data, split, root)
   num_examples = len(source.labels)
   num_batches = -(-num_examples // global_batch_size)
   positions = np.arange(num_batches * global_batch_size).reshape(num_batches, -1)
@@ -430,7 +180,7 @@ def eval_batches(data: ml_collections.ConfigDict, *, split: str | None = None,
   ds = tf.data.Dataset.from_tensor_slices((np.where(mask, positions, 0), mask))
   ds = ds.map(lambda i, m: {**example(i, tf.constant(0, tf.int64)), 'mask': m},
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return _finish(ds, data, local)
+  return as_numpy_batches(ds, data, local)
 
 
 # ---------------------------------------------------------------- streaming path
@@ -439,9 +189,9 @@ def eval_batches(data: ml_collections.ConfigDict, *, split: str | None = None,
 def _streaming_train(data: ml_collections.ConfigDict, global_batch_size: int, seed: int,
                      start_step: int, index: int, count: int) -> Iterator[dict]:
   """Per-process file shards; exact resume for a fixed process count only."""
-  builder = _builder(data.name, data.data_dir)
-  steps = _train_steps(_tfds_num_examples(builder, data.train_split), global_batch_size,
-                       data.train_split)
+  builder = sources.tfds_builder(data.name, data.data_dir)
+  num_examples = sources.tfds_num_examples(builder, data.train_split)
+  steps = _train_steps(num_examples, global_batch_size, data.train_split)
   local = global_batch_size // count
   # Equal shards (remainder dropped): every process has the same steps per epoch.
   shard = tfds.even_splits(data.train_split, n=count, drop_remainder=True)[index]
@@ -457,11 +207,11 @@ def _streaming_train(data: ml_collections.ConfigDict, global_batch_size: int, se
 
     def example(i, ex):
       op_seed = tf.stack([tf.constant(seed, tf.int64), stream + i])
-      return {'image': _preprocess(ex['image'], data, True, op_seed),
+      return {'image': preprocess(ex['image'], data, True, op_seed),
               'label': tf.cast(ex['label'], tf.int32)}
 
     ds = ds.map(example, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    return _finish(ds, data, local)
+    return as_numpy_batches(ds, data, local)
 
   def chain() -> Iterator[dict]:
     first_epoch, skip = divmod(start_step, steps)
@@ -474,15 +224,16 @@ def _streaming_train(data: ml_collections.ConfigDict, global_batch_size: int, se
 
 def _streaming_eval(data: ml_collections.ConfigDict, split: str, index: int, count: int,
                     local: int) -> Iterator[dict]:
-  builder = _builder(data.name, data.data_dir)
-  largest_shard = -(-_tfds_num_examples(builder, split) // count)
+  """This process's even split of `split`, padded to the largest shard's batches."""
+  builder = sources.tfds_builder(data.name, data.data_dir)
+  largest_shard = -(-sources.tfds_num_examples(builder, split) // count)
   num_batches = -(-largest_shard // local)
   shard = tfds.even_splits(split, n=count)[index]  # all examples, sizes differ by <= 1
   ds = builder.as_dataset(split=shard).map(
-      lambda ex: {'image': _preprocess(ex['image'], data, False, tf.zeros([2], tf.int64)),
+      lambda ex: {'image': preprocess(ex['image'], data, False, tf.zeros([2], tf.int64)),
                   'label': tf.cast(ex['label'], tf.int32), 'mask': True},
       num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   size = data.image_size
   padding = tf.data.Dataset.from_tensors(
       {'image': tf.zeros([size, size, 3]), 'label': 0, 'mask': False}).repeat()
-  return _finish(ds.concatenate(padding).take(num_batches * local), data, local)
+  return as_numpy_batches(ds.concatenate(padding).take(num_batches * local), data, local)

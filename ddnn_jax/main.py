@@ -1,6 +1,7 @@
 """Entry point: python -m ddnn_jax.main --config configs/default.py --workdir DIR.
 
-Any config field can be overridden: --config.num_epochs=5 --config.model.bn_mode=private_stats.
+Any config field can be overridden: --config.num_epochs=5 --config.model.bn_mode=private_stats,
+or in the config argument: --config configs/default.py:smoke,seed=3 (configs/base.py).
 """
 
 import logging as std_logging
@@ -16,7 +17,7 @@ runtime.configure_xla_flags()
 
 import jax  # noqa: E402  -- after XLA_FLAGS
 
-from ddnn_jax import checkpointing, onednn_conv, train  # noqa: E402
+from ddnn_jax import checkpointing, input_pipeline, onednn_conv, train  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and eval results.')
@@ -82,6 +83,7 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
+  input_pipeline.hide_accelerators_from_tf()  # before TF starts
   one_xla_thread = runtime.configure_cpu_process(  # before JAX starts its threads
       FLAGS.config.model.get('conv_impl', 'xla'), FLAGS.keep_freed_host_memory)
   initialize_distributed()

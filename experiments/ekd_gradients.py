@@ -137,6 +137,7 @@ def main() -> None:
   config.model.width_multiplier = 0.5
   evaluate.apply_overrides(config, args.set)
   runtime.configure_cpu_process(config.model.conv_impl)
+  input_pipeline.hide_accelerators_from_tf()
 
   info = input_pipeline.get_info(config.data)
   mesh = mesh_lib.create_mesh()

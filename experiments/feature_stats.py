@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--images', type=int, default=1000)
   parser.add_argument('--json', help='also write every number to this file')
   args = parser.parse_args(argv)
+  input_pipeline.hide_accelerators_from_tf()
   mesh = mesh_lib.create_mesh()
   everything = {}
   print('| run | depth | stage | spatial CV | zscore dist to full | zero frac |')

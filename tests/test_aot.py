@@ -9,6 +9,7 @@ import sys
 
 import pytest
 
+from configs import datasets
 from ddnn_jax import aot, evaluate, input_pipeline, tpu_slices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -93,8 +94,20 @@ def test_find_max_batch_below_the_step_and_none():
   assert aot.find_max_batch(measure, 10_000, 16) == 0
 
 
+def test_train_examples_come_from_the_preset():
+  config = evaluate.load_config('', os.path.join(ROOT, 'configs', 'imagenet.py'))
+  assert aot._train_examples(config) == 1_281_167
+  config.data.train_split = 'train[:90%]'
+  with pytest.raises(aot.AotError, match='pass --train_examples'):
+    aot._train_examples(config)
+  del config.data['num_examples']  # a config saved before the field existed
+  config.data.train_split = 'train'
+  with pytest.raises(aot.AotError, match='pass --train_examples'):
+    aot._train_examples(config)
+
+
 def test_batch_spec_matches_the_pipeline(tmp_path):
-  data = input_pipeline.default_data_config('digits')
+  data = datasets.data_config('digits')
   data.data_dir = str(tmp_path)
   batch = next(input_pipeline.train_batches(data, global_batch_size=16, seed=0))
   evals = next(iter(input_pipeline.eval_batches(data, global_batch_size=16)))

@@ -7,7 +7,11 @@ directly, and image files decoded here.
 
 import collections
 import io
+import os
+import subprocess
+import sys
 import tarfile
+import textwrap
 
 import numpy as np
 import pytest
@@ -15,8 +19,11 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 from conftest import CIFAR_CLASSES
 
+from configs import datasets
 from ddnn_jax import input_pipeline
 from ddnn_jax.datasets import digits, image_folder
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope='module')
@@ -27,7 +34,7 @@ def data_dir(tmp_path_factory):
 
 
 def digits_config(data_dir, **overrides):
-  data = input_pipeline.default_data_config('digits')
+  data = datasets.data_config('digits')
   data.data_dir = data_dir
   data.update(overrides)
   return data
@@ -71,6 +78,8 @@ def test_digits_info(data_dir):
   assert info.class_names == tuple(str(d) for d in range(10))
   assert info.num_examples['train'] + info.num_examples['test'] == 1797
   assert info.num_examples['test'] == 360
+  # The preset's sizes (configs/datasets.py) are the real ones.
+  assert info.num_examples == dict(datasets.data_config('digits').num_examples)
 
 
 def test_digits_train_batch_matches_sklearn(data_dir):
@@ -190,7 +199,7 @@ def decoded_files(root):
 
 
 def folder_config(root, **overrides):
-  data = input_pipeline.default_data_config('image_folder')
+  data = datasets.data_config('image_folder')
   data.update(dict(root=str(root), validation_size=50, augment='none'), **overrides)
   return data
 
@@ -307,7 +316,7 @@ def test_tar_root_is_extracted_once(tmp_path, monkeypatch):
 
 def test_bad_inputs(data_dir, tmp_path):
   with pytest.raises(ValueError, match='unknown dataset .mnist.*cifar10'):
-    input_pipeline.default_data_config('mnist')
+    datasets.data_config('mnist')
   data = digits_config(data_dir)
   data.name = 'mnist'
   with pytest.raises(ValueError, match='unknown dataset'):
@@ -315,7 +324,7 @@ def test_bad_inputs(data_dir, tmp_path):
   with pytest.raises(FileNotFoundError, match='does not exist; set --config.data.root'):
     input_pipeline.get_info(folder_config(tmp_path / 'missing'))
   with pytest.raises(ValueError, match='needs a root'):
-    input_pipeline.get_info(input_pipeline.default_data_config('image_folder'))
+    input_pipeline.get_info(datasets.data_config('image_folder'))
   data = digits_config(data_dir)
   with pytest.raises(ValueError, match='not divisible by the process count 4'):
     input_pipeline.train_batches(data, global_batch_size=30, seed=0, process_index=0,
@@ -325,7 +334,27 @@ def test_bad_inputs(data_dir, tmp_path):
                                 process_count=4)
   with pytest.raises(ValueError, match="no split 'validation'.*'test', 'train'"):
     input_pipeline.eval_batches(data, split='validation', global_batch_size=8)
-  imagenet = input_pipeline.default_data_config('imagenet2012')
+  imagenet = datasets.data_config('imagenet2012')
   imagenet.data_dir = str(tmp_path / 'empty')
   with pytest.raises(FileNotFoundError, match='manual download.*tfds build imagenet2012'):
     input_pipeline.get_info(imagenet)
+
+
+# ---------------------------------------------------------------- TensorFlow's devices
+
+
+def test_importing_the_pipeline_leaves_tf_devices_alone():
+  # The entry points (main, evaluate, aot) hide them explicitly. A fresh process:
+  # here TF has long started. Records the calls instead of making them.
+  script = textwrap.dedent("""
+      import tensorflow as tf
+      calls = []
+      tf.config.set_visible_devices = lambda devices, kind: calls.append((devices, kind))
+      from ddnn_jax import input_pipeline
+      assert calls == [], calls
+      input_pipeline.hide_accelerators_from_tf()
+      assert calls == [([], 'GPU'), ([], 'TPU')], calls
+      """)
+  result = subprocess.run([sys.executable, '-c', script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
