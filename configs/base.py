@@ -13,9 +13,9 @@ from configs import datasets
 
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  # What a training step computes: 'ekd' (all depths, full net teaches the
-  # others), 'joint_ce' (all depths, cross-entropy only) or 'individual' (one
-  # depth trained as a standalone net).
+  # What a training step computes, a method registered in ddnn_jax/methods/:
+  # 'ekd' (all depths, full net teaches the others), 'joint_ce' (all depths,
+  # cross-entropy only) or 'individual' (one depth trained as a standalone net).
   config.method = 'ekd'
 
   config.model = ml_collections.ConfigDict()
@@ -71,6 +71,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval_every_epochs = 1.0
   config.checkpoint_every_epochs = 1.0  # a checkpoint is also saved at the end
   config.keep_checkpoints = 3
+  # A step whose loss, gradients, parameters or BN statistics are not finite:
+  # False stops training (nothing of it is saved); True keeps the previous state
+  # for that step and counts it (train/nonfinite).
+  config.skip_nonfinite_steps = False
   return config
 
 

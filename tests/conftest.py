@@ -23,15 +23,34 @@ CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
 jax.config.update('jax_threefry_partitionable', False)
 
 
+# The CIFAR-10 JPEG tar for the real-data tests: $DDNN_CIFAR10_TAR, else the
+# shared datasets folder beside the repository when it is there.
+DEFAULT_CIFAR10_TAR = REPO.parent / 'shared' / 'datasets' / 'cifar10-jpeg-train.tar'
+
+
+def cifar10_tar() -> pathlib.Path | None:
+  name = os.environ.get('DDNN_CIFAR10_TAR')
+  if name:
+    return REPO / name
+  return DEFAULT_CIFAR10_TAR if DEFAULT_CIFAR10_TAR.is_file() else None
+
+
+def pytest_report_header(config):
+  path = cifar10_tar()
+  if path is None:
+    return (f'real-data tests: SKIPPED, no CIFAR-10 tar at {DEFAULT_CIFAR10_TAR}; '
+            'set DDNN_CIFAR10_TAR to run them')
+  return f'real-data tests: {path}'
+
+
 @pytest.fixture(scope='session')
 def cifar_roots(tmp_path_factory):
   """ROOT/train with 30 real CIFAR-10 JPEGs per class, OTHER/test with 10 more."""
-  name = os.environ.get('DDNN_CIFAR10_TAR')
-  if not name:
-    pytest.skip('DDNN_CIFAR10_TAR is not set')
-  path = REPO / name
+  path = cifar10_tar()
+  if path is None:
+    pytest.skip(f'no CIFAR-10 tar at {DEFAULT_CIFAR10_TAR}; set DDNN_CIFAR10_TAR')
   if not path.is_file():
-    pytest.fail(f'DDNN_CIFAR10_TAR={name}: {path} does not exist')
+    pytest.fail(f'DDNN_CIFAR10_TAR={os.environ["DDNN_CIFAR10_TAR"]}: {path} does not exist')
   base = tmp_path_factory.mktemp('cifar')
   taken = collections.Counter()
   with tarfile.open(path) as tar:
