@@ -149,7 +149,7 @@ def restore_readable(manager: ocp.CheckpointManager, read: Callable[[int], T],
     step = resolve_step(manager, step)
     try:
       return read(step), step, []
-    except Exception as e:  # noqa: BLE001 -- Orbax and TensorStore raise many types
+    except Exception as e:  # Orbax and TensorStore raise many types
       readable = [s for s in sorted(manager.all_steps(), reverse=True)
                   if s != step and _reads(read, s)]
       raise UnreadableCheckpointError(
@@ -159,7 +159,7 @@ def restore_readable(manager: ocp.CheckpointManager, read: Callable[[int], T],
   for candidate in sorted(manager.all_steps(), reverse=True):
     try:
       return read(candidate), candidate, unreadable
-    except Exception as e:  # noqa: BLE001 -- Orbax and TensorStore raise many types
+    except Exception as e:  # Orbax and TensorStore raise many types
       logging.warning('checkpoint step %d in %s is unreadable (%s); trying the one before',
                       candidate, manager.directory, _reason(e))
       unreadable.append(candidate)
@@ -171,7 +171,7 @@ def restore_readable(manager: ocp.CheckpointManager, read: Callable[[int], T],
 def _reads(read: Callable[[int], Any], step: int) -> bool:
   try:
     read(step)
-  except Exception:  # noqa: BLE001
+  except Exception:
     return False
   return True
 

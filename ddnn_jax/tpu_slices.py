@@ -114,7 +114,7 @@ def topology_devices(slice_: Slice) -> list:
   # libtpu locks /tmp/libtpu_lockfile so that one process owns the local TPU;
   # compiling touches no TPU, so parallel checks (and a trainer) may share it.
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
-  from jax.experimental import topologies  # noqa: PLC0415
+  from jax.experimental import topologies
   kwargs = {'chip_config_name': 'megacore'} if slice_.chip.megacore else {}
   with _quiet_stderr():
     try:

@@ -31,7 +31,7 @@ def depth_name(depth) -> str:
 
 def read_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
   """Scalar series from the run's TensorBoard event files: tag -> [(step, value)]."""
-  import tensorflow as tf  # noqa: PLC0415  -- only needed here
+  import tensorflow as tf  # only needed here
 
   series = collections.defaultdict(dict)
   for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
@@ -213,11 +213,9 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
 
 
 def plot_curves(runs: list[dict], results: str) -> list[str]:
-  import matplotlib  # noqa: PLC0415
-
+  import matplotlib
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
+  import matplotlib.pyplot as plt
   groups = collections.defaultdict(list)
   for run in runs:
     groups[run['group']].append(run)
