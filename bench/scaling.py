@@ -79,6 +79,7 @@ def _reports(out: pathlib.Path):
 def table(out: pathlib.Path, utilization: float) -> str:
   """The SCALING.md tables from the JSON files in `out`, projected at `utilization`."""
   from ddnn_jax.tpu_slices import CHIPS
+
   gib = 2**30
   train = ['| config | slice | chips | batch/chip | train step GiB/chip (% of usable HBM) | '
            'GFLOP/step/chip | GFLOP/image | img/s/chip | img/s slice | ImageNet epoch | '

@@ -214,6 +214,7 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
 
 def plot_curves(runs: list[dict], results: str) -> list[str]:
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   groups = collections.defaultdict(list)

@@ -34,6 +34,7 @@ def smoke_config(**overrides):
 def scalars(workdir, tag):
   """{step: value} of one scalar from the TensorBoard event files in workdir."""
   import tensorflow as tf
+
   values = {}
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
     for event in tf.compat.v1.train.summary_iterator(path):

@@ -45,6 +45,7 @@ def split_indices(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def _load_sklearn() -> tuple[np.ndarray, np.ndarray]:
   # Imported here: scikit-learn is needed only while preparing.
   from sklearn.datasets import load_digits
+
   digits = load_digits()
   gray = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
   images = np.repeat(gray[..., None], 3, axis=-1)
