@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -333,6 +334,27 @@ def test_two_processes_match_one_process(tmp_path):
   a, b = scalars(str(single), 'train/loss'), scalars(str(multi), 'train/loss')
   assert sorted(a) == sorted(b) == list(range(1, 10))
   np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=0, atol=1e-5)
+
+
+def test_when_one_process_dies_the_other_exits_with_an_error_within_a_minute(tmp_path):
+  port = _free_port()
+  procs = [
+      run_worker(tmp_path, '--config.num_epochs=3', devices=2, wait=False, env={
+          'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2',
+          'JAX_PROCESS_ID': str(i)}) for i in range(2)]
+  try:
+    for line in procs[1].stdout:  # until process 1 trains
+      if re.search(r'\[\d+\] train/', line):
+        break
+    procs[1].kill()
+    procs[1].wait()
+    out, _ = procs[0].communicate(timeout=60)  # raises if it hangs
+  finally:
+    for proc in procs:
+      proc.kill()
+  assert procs[0].returncode != 0
+  assert ('error: process 0 lost the other processes of this run' in out
+          or 'JAX distributed service detected fatal errors' in out), out[-3000:]
 
 
 @pytest.mark.parametrize('override,message', [
