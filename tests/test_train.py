@@ -23,12 +23,7 @@ SMOKE = os.path.join(ROOT, 'configs', 'default.py') + ':smoke'
 
 def smoke_config(**overrides):
   config = evaluate.load_config('', SMOKE)
-  for key, value in overrides.items():
-    target = config
-    *parents, leaf = key.split('.')
-    for p in parents:
-      target = target[p]
-    target[leaf] = value
+  config.update_from_flattened_dict(overrides)  # {'optim.learning_rate': 0.05, ...}
   return config
 
 
