@@ -9,14 +9,14 @@ import sys
 
 import pytest
 
-from ddnn_jax import aot, evaluate, input_pipeline, tpu_slices
+from ddnn_jax import aot, config_lib, input_pipeline, tpu_slices
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'imagenet.py') + ':smoke'
 
 
 def smoke_config(**overrides):
-  config = evaluate.load_config('', SMOKE)
+  config = config_lib.load(SMOKE)
   config.update(overrides)
   return config
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddnn_jax import checkpointing, evaluate, train
+from ddnn_jax import checkpointing, config_lib, evaluate, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
@@ -19,7 +19,7 @@ SMOKE = os.path.join(ROOT, 'configs', 'default.py') + ':smoke'
 
 
 def smoke_config(**overrides):
-  config = evaluate.load_config('', SMOKE)
+  config = config_lib.load(SMOKE)
   for key, value in overrides.items():
     target = config
     *parents, leaf = key.split('.')
@@ -138,7 +138,7 @@ def test_evaluate_cli_bad_input(tmp_path, capsys):
 def test_image_folder_run_and_evaluate_another_root(cifar_roots, tmp_path, capsys):
   root, other = cifar_roots  # real CIFAR-10 JPEGs: 30 per class, and 10 more
   workdir = str(tmp_path)
-  config = evaluate.load_config('', os.path.join(ROOT, 'configs', 'cifar10_folder.py'))
+  config = config_lib.load(os.path.join(ROOT, 'configs', 'cifar10_folder.py'))
   config.data.root = str(root)
   config.data.validation_size = 50
   config.data.data_dir = str(tmp_path / 'tfds')
