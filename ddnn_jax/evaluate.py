@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from clu import metrics as clu_metrics
 from etils import epath
 
 from ddnn_jax import mesh as mesh_lib
@@ -36,10 +37,16 @@ from ddnn_jax import models, runtime
 
 METRICS = ('top1', 'top5', 'loss', 'kl_to_full', 'agreement')
 
+# One depth's metrics: each a masked mean over the examples seen, merged batch
+# by batch. `create` (not a class body) because clu reads the annotations as
+# classes, which `from __future__ import annotations` would turn into strings.
+DepthMetrics = clu_metrics.Collection.create(
+    **{name: clu_metrics.Average.from_output(name) for name in METRICS})
+
 
 def make_eval_step(model: models.DDNNResNet, depths: Sequence[models.Depth],
                    mesh: jax.sharding.Mesh, per_depth_variables: bool = False):
-  """Jitted: (variables, batch) -> masked per-depth sums of every metric.
+  """Jitted: (variables, batch) -> {depth tag: DepthMetrics of the batch}.
 
   With `per_depth_variables`, `variables` is a tuple with one set per depth
   (for example BatchNorm statistics re-calibrated for each) and every depth
@@ -56,11 +63,10 @@ def make_eval_step(model: models.DDNNResNet, depths: Sequence[models.Depth],
 
   def step(variables, batch):
     outputs = forward(variables, batch['image'])
-    mask = batch['mask'].astype(jnp.float32)
     labels = batch['label']
     teacher = outputs[full].logits
     teacher_log_probs = jax.nn.log_softmax(teacher)
-    sums = {'count': mask.sum()}
+    result = {}
     for depth, output in zip(depths, outputs):
       logits = output.logits
       k = min(5, logits.shape[-1])
@@ -73,10 +79,10 @@ def make_eval_step(model: models.DDNNResNet, depths: Sequence[models.Depth],
               jax.nn.log_softmax(logits), teacher_log_probs),
           'agreement': jnp.argmax(logits, -1) == jnp.argmax(teacher, -1),
       }
-      tag = models.depth_tag(depth)
-      for name, values in per_example.items():
-        sums[f'{tag}/{name}'] = jnp.sum(values.astype(jnp.float32) * mask)
-    return sums
+      result[models.depth_tag(depth)] = DepthMetrics.single_from_model_output(
+          **{name: v.astype(jnp.float32) for name, v in per_example.items()},
+          mask=batch['mask'])  # the padding of a split's last batch does not count
+    return result
 
   return jax.jit(step, in_shardings=(mesh_lib.replicated(mesh),
                                      mesh_lib.batch_sharding(mesh)),
@@ -91,15 +97,20 @@ def evaluate_depths(model: models.DDNNResNet, variables, batches: Iterable[dict]
   Keys are '<depth tag>/<metric>' plus 'count', the number of examples seen.
   """
   eval_step = eval_step or make_eval_step(model, depths, mesh)
-  totals: dict[str, float] = {}
+  totals = None
   for local in batches:
-    sums = jax.device_get(eval_step(variables, mesh_lib.global_batch(local, mesh)))
-    for key, value in sums.items():
-      totals[key] = totals.get(key, 0.0) + float(value)
-  count = totals.get('count', 0.0)
+    # Each batch's float32 sums, added up on the host in float64: a long
+    # split loses no precision, and every process reads its replicated copy.
+    batch = jax.tree.map(lambda x: np.asarray(x, np.float64), jax.device_get(
+        eval_step(variables, mesh_lib.global_batch(local, mesh))))
+    totals = batch if totals is None else {
+        tag: totals[tag].merge(batch[tag]) for tag in totals}
+  count = float(next(iter(totals.values())).top1.count) if totals else 0.0
   if not count:
     raise ValueError('the evaluation split is empty')
-  return {k: (v if k == 'count' else v / count) for k, v in totals.items()}
+  means = {f'{tag}/{name}': float(value) for tag, collection in totals.items()
+           for name, value in collection.compute().items()}
+  return dict(sorted({'count': count, **means}.items()))  # in the order callers log them
 
 
 def make_forward(model: models.DDNNResNet, depth: models.Depth, mesh: jax.sharding.Mesh):
