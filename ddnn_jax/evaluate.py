@@ -20,7 +20,6 @@ import importlib.util
 import json
 import os
 import sys
-import time
 from collections.abc import Iterable, Sequence
 
 import jax
@@ -120,53 +119,6 @@ def make_forward(model: models.DDNNResNet, depth: models.Depth, mesh: jax.shardi
                  out_shardings=mesh_lib.batch_sharding(mesh))
 
 
-def measure_throughput(model: models.DDNNResNet, variables, depth: models.Depth,
-                       images: np.ndarray, mesh: jax.sharding.Mesh,
-                       min_seconds: float = 1.0) -> float:
-  """Images/s of the jitted inference forward of one depth on this machine."""
-  forward = make_forward(model, depth, mesh)
-  images = mesh_lib.global_batch({'image': images}, mesh)['image']
-  forward(variables, images).block_until_ready()  # compile and warm up
-  runs, start = 0, time.perf_counter()
-  while runs < 2 or time.perf_counter() - start < min_seconds:
-    forward(variables, images).block_until_ready()
-    runs += 1
-  return runs * images.shape[0] / (time.perf_counter() - start)
-
-
-def format_table(rows: Sequence[dict]) -> str:
-  lines = ['| depth | top-1 | top-5 | loss | KL to full | agreement | params | GFLOPs | img/s |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
-  for r in rows:
-    lines.append(
-        f'| {",".join(map(str, r["depth"]))} | {100 * r["top1"]:.2f} | '
-        f'{100 * r["top5"]:.2f} | {r["loss"]:.4f} | {r["kl_to_full"]:.4f} | '
-        f'{100 * r["agreement"]:.2f} | {r["params"]:,} | {r["flops"] / 1e9:.4g} | '
-        f'{r["images_per_second"]:.0f} |')
-  return '\n'.join(lines)
-
-
-def plot_accuracy_vs_flops(rows: Sequence[dict], path: str, title: str) -> None:
-  import matplotlib  # noqa: PLC0415 -- only the CLI draws
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
-
-  fig, ax = plt.subplots(figsize=(5, 3.5))
-  gflops = [r['flops'] / 1e9 for r in rows]
-  top1 = [100 * r['top1'] for r in rows]
-  ax.plot(gflops, top1, 'o-')
-  for r, x, y in zip(rows, gflops, top1):
-    ax.annotate(','.join(map(str, r['depth'])), (x, y), textcoords='offset points',
-                xytext=(4, -10), fontsize=8)
-  ax.set_xlabel('GFLOPs per image (XLA cost analysis)')
-  ax.set_ylabel('top-1 accuracy (%)')
-  ax.set_title(title, fontsize=9)
-  ax.grid(alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
-  plt.close(fig)
-
-
 def apply_overrides(config: ml_collections.ConfigDict, items: Sequence[str]) -> None:
   """Sets 'a.b=VALUE' items on `config` (VALUE a Python literal, else a string)."""
   for item in items:
@@ -227,7 +179,8 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
   that many training batches (ddnn_jax.bn_calibration); the outputs then carry
   a `_bnrecal<N>` suffix so they do not replace the plain evaluation.
   """
-  from ddnn_jax import bn_calibration, input_pipeline  # noqa: PLC0415
+  # Here: reporting imports this module, and the input pipeline loads TensorFlow.
+  from ddnn_jax import bn_calibration, input_pipeline, reporting  # noqa: PLC0415
 
   mesh = mesh_lib.create_mesh()
   batch_size = batch_size or config.eval_batch_size
@@ -252,46 +205,10 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
     label = f'{label}_bnrecal{recalibrate_bn}'
   else:
     metrics = evaluate_depths(model, variables, batches(), depths, mesh)
-  return report(workdir, config, model, variables, depths, metrics,
-                step=step, label=label, root=root,
-                sample_images=next(iter(batches()))['image'], mesh=mesh,
-                extra={'bn_recalibration_batches': recalibrate_bn})
-
-
-def report(workdir: str, config: ml_collections.ConfigDict, model: models.DDNNResNet,
-           variables, depths: Sequence[models.Depth], metrics: dict[str, float], *,
-           step: int, label: str, sample_images: np.ndarray, mesh: jax.sharding.Mesh,
-           root: str | None = None, extra: dict | None = None) -> list[dict]:
-  """Adds params, GFLOPs and img/s to `metrics`; writes json, md and png; prints."""
-  from ddnn_jax import costs  # noqa: PLC0415
-
-  host_variables = jax.device_get(variables)
-  image_size = sample_images.shape[1]
-  rows = []
-  for depth in depths:
-    tag = models.depth_tag(depth)
-    params = models.count_params(models.extract_subnet(host_variables, depth)['params'])
-    rows.append({
-        'depth': list(depth), 'params': params,
-        'flops': costs.compiled_flops(model, variables, depth, image_size),
-        'images_per_second': measure_throughput(model, variables, depth, sample_images,
-                                                mesh),
-        **{name: metrics[f'{tag}/{name}'] for name in METRICS},
-    })
-  result = {'workdir': workdir, 'step': step, 'split': label, 'root': root,
-            'examples': int(metrics['count']), 'model': config.model.name,
-            'method': config.method, **(extra or {}), 'depths': rows}
-  title = (f'{config.model.name} ({config.method}), step {step}, split {label}, '
-           f'{result["examples"]} examples')
-  table = format_table(rows)
-  if jax.process_index() == 0:
-    out = epath.Path(workdir)
-    (out / f'eval_{label}.json').write_text(json.dumps(result, indent=2))
-    (out / f'eval_{label}.md').write_text(f'{title}\n\n{table}\n')
-    plot_accuracy_vs_flops(rows, str(out / 'accuracy_vs_flops.png'), title)
-  print(title)
-  print(table)
-  return rows
+  return reporting.report(workdir, config, model, variables, depths, metrics,
+                          step=step, label=label, root=root,
+                          sample_images=next(iter(batches()))['image'], mesh=mesh,
+                          extra={'bn_recalibration_batches': recalibrate_bn})
 
 
 def main(argv: Sequence[str] | None = None, process_settings: bool = False) -> int:

@@ -17,7 +17,14 @@ from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
-from ddnn_jax import checkpointing, evaluate, experiment, input_pipeline, models
+from ddnn_jax import (
+  checkpointing,
+  evaluate,
+  experiment,
+  input_pipeline,
+  models,
+  reporting,
+)
 from ddnn_jax import mesh as mesh_lib
 from ddnn_jax.train_state import TrainState
 
@@ -168,9 +175,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   manager.wait_until_finished()
   manager.close()
   # The report a user reads: json, Markdown table and plot in the workdir.
-  evaluate.report(workdir, config, method.model, state.variables, method.depths,
-                  eval_metrics, step=int(state.step), label=config.data.eval_split,
-                  sample_images=next(iter(eval_batches()))['image'], mesh=mesh)
+  reporting.report(workdir, config, method.model, state.variables, method.depths,
+                   eval_metrics, step=int(state.step), label=config.data.eval_split,
+                   sample_images=next(iter(eval_batches()))['image'], mesh=mesh)
   return eval_metrics
 
 
