@@ -1,38 +1,45 @@
-"""Per-depth evaluation: the library function the trainer calls, and a CLI.
+"""Per-depth evaluation: the eval step, the means over a split, and a CLI.
 
-  python -m ddnn_jax.evaluate --workdir DIR [--config FILE] [--step N]
-      [--split NAME] [--root PATH] [--recalibrate-bn N]
+The library: `make_eval_step` (one jitted program scoring every depth on a
+batch), `evaluate_depths` (masked means over a whole split, clu metrics merged
+batch by batch: '<depth tag>/<metric>' and 'count'), `make_forward` (one
+depth's inference), `restore` (a run's variables) and `run` (all of it for a
+workdir, then `reporting.report`). The trainer calls the first two.
+
+  python -m ddnn_jax.evaluate --workdir DIR [--config FILE] [--config.FIELD=VALUE ...]
+      [--step N] [--split NAME] [--root PATH] [--batch_size N] [--recalibrate_bn N]
 
 restores the latest (or the given) checkpoint of a run and evaluates every
 depth on a whole split: top-1, top-5, loss, KL to the full net, top-1 agreement
 with the full net, parameters, GFLOPs and measured images/s on this machine. It
 writes `eval_<split>.json`, `eval_<split>.md` and `accuracy_vs_flops.png` into
-the workdir and prints the table. `--root` scores another ImageFolder root with
-the same class folders (held-out data the run never saw). `--recalibrate-bn N`
-re-estimates each depth's BatchNorm statistics on N training batches first.
+the workdir and prints the table. The config is the run's saved config.json
+unless --config names a file; --config.FIELD=VALUE overrides either. `--root`
+scores another ImageFolder root with the same class folders (held-out data the
+run never saw). `--recalibrate_bn N` re-estimates each depth's BatchNorm
+statistics on N training batches first. A user error is one line and exit 2.
 """
 
 from __future__ import annotations
 
-import argparse
-import ast
-import importlib.util
-import json
 import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
+from typing import NoReturn
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from absl import app, flags, logging
 from clu import metrics as clu_metrics
-from etils import epath
+from ml_collections import config_flags
 
+from ddnn_jax import config_lib, models, runtime
 from ddnn_jax import mesh as mesh_lib
 from ddnn_jax import methods as methods_lib
-from ddnn_jax import models, runtime
 
 METRICS = ('top1', 'top5', 'loss', 'kl_to_full', 'agreement')
 
@@ -119,40 +126,6 @@ def make_forward(model: models.DDNNResNet, depth: models.Depth, mesh: jax.shardi
                  out_shardings=mesh_lib.batch_sharding(mesh))
 
 
-def apply_overrides(config: ml_collections.ConfigDict, items: Sequence[str]) -> None:
-  """Sets 'a.b=VALUE' items on `config` (VALUE a Python literal, else a string)."""
-  for item in items:
-    key, sep, value = item.partition('=')
-    if not sep:
-      raise ValueError(f'override {item!r} is not FIELD=VALUE (e.g. model.width_multiplier=0.5)')
-    *parents, leaf = key.split('.')
-    target = config
-    for parent in parents:
-      target = target[parent]
-    try:
-      target[leaf] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      target[leaf] = value
-
-
-def load_config(workdir: str, config_file: str | None = None) -> ml_collections.ConfigDict:
-  """`config_file` ('path.py' or 'path.py:arg'), else the run's saved config.json."""
-  if config_file:
-    path, _, arg = config_file.partition(':')
-    if not os.path.exists(path):
-      raise FileNotFoundError(f'config file {path} does not exist')
-    spec = importlib.util.spec_from_file_location('_ddnn_config', path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-    spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
-  path = epath.Path(workdir) / 'config.json'
-  if not path.exists():
-    raise FileNotFoundError(
-        f'{path} does not exist; pass the workdir of a training run or --config FILE')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
 def restore(workdir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
             step: int | None = None) -> tuple[methods_lib.Method, dict, int]:
   """(method, model variables, step) of the run's latest (or `step`)
@@ -211,36 +184,98 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
                           extra={'bn_recalibration_batches': recalibrate_bn})
 
 
-def main(argv: Sequence[str] | None = None, process_settings: bool = False) -> int:
-  """The CLI; `process_settings` (the `python -m` entry) first makes the CPU
-  process settings of training (runtime.py), so throughput is comparable."""
-  parser = argparse.ArgumentParser(prog='python -m ddnn_jax.evaluate',
-                                   description=__doc__.split('\n\n')[0])
-  parser.add_argument('--workdir', required=True, help='the run directory')
-  parser.add_argument('--config', help="config file ('file.py' or 'file.py:arg'); "
-                      'default: the run\'s saved config.json')
-  parser.add_argument('--step', type=int, help='checkpoint step (default: latest)')
-  parser.add_argument('--split', help='split to score (default: the eval split)')
-  parser.add_argument('--root', help='another ImageFolder root with the same classes')
-  parser.add_argument('--batch-size', type=int, help='global eval batch size')
-  parser.add_argument('--recalibrate-bn', type=int, default=0, metavar='N',
-                      help='re-estimate each depth\'s BatchNorm statistics on N training '
-                      'batches first (outputs get a _bnrecalN suffix)')
-  args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+# ---------------------------------------------------------------- command line
+
+
+def _workdir(argv: list[str]) -> str | None:
+  """--workdir of `argv`, read before the other flags are defined."""
+  values = flags.FlagValues()
+  flags.DEFINE_string('workdir', None, '', flag_values=values)
+  values(argv, known_only=True)
+  return values.workdir
+
+
+def define_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the command line's flags on `values` for `argv`.
+
+  Called when the command line is parsed, not at import: ddnn_jax.main and
+  ddnn_jax.aot define --config too. Without --config in `argv` the config is
+  the saved config.json of its --workdir, and --config.FIELD=VALUE overrides
+  that as it would a config file.
+  """
+  argv = list(argv)
+  flags.DEFINE_string('workdir', None, 'The run directory.', flag_values=values)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).',
+                       lower_bound=0, flag_values=values)
+  flags.DEFINE_string('split', None, 'Split to score (default: config.data.eval_split).',
+                      flag_values=values)
+  flags.DEFINE_string('root', None, 'Another ImageFolder root with the same class folders.',
+                      flag_values=values)
+  flags.DEFINE_integer('batch_size', None, 'Global eval batch size (default: '
+                       'config.eval_batch_size).', lower_bound=1, flag_values=values)
+  flags.DEFINE_integer('recalibrate_bn', 0, "Re-estimate each depth's BatchNorm statistics "
+                       'on this many training batches first (outputs get a _bnrecalN '
+                       'suffix); 0: no.', lower_bound=0, flag_values=values)
+  flags.mark_flag_as_required('workdir', flag_values=values)
+  help_string = ("Config file ('file.py' or 'file.py:arg'); default: the run's saved "
+                 'config.json. --config.FIELD=VALUE overrides either.')
+  workdir = _workdir(argv)
+  if workdir is None or any(re.match(r'--?config(=|$)', a) for a in argv[1:]):
+    config_flags.DEFINE_config_file('config', None, help_string, flag_values=values,
+                                    sys_argv=argv)
+  else:
+    config_flags.DEFINE_config_dict('config', config_lib.load_saved(workdir), help_string,
+                                    flag_values=values, sys_argv=argv)
+
+
+def _exit_with_error(message: str) -> NoReturn:
+  """One line on stderr and exit status 2, as ddnn_jax.main's flag errors."""
+  print(f'error: {" ".join(message.split())}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> list[str]:
+  """app.run's flags parser: defines the flags on `values` and parses `argv`.
+
+  A bad flag, config file or override, or a workdir without config.json, is
+  one line `error: ...` and exit status 2.
+  """
+  argv = list(argv)
   try:
-    config = load_config(args.workdir, args.config)
-    if process_settings:  # before JAX starts its CPU client
-      runtime.configure_xla_flags()
-      runtime.configure_cpu_process(config.model.get('conv_impl', 'xla'))
-    if args.recalibrate_bn < 0:
-      raise ValueError(f'--recalibrate-bn must be >= 0, got {args.recalibrate_bn}')
-    run(args.workdir, config, step=args.step, split=args.split, root=args.root,
-        batch_size=args.batch_size, recalibrate_bn=args.recalibrate_bn)
+    define_flags(argv, values)
+    rest = values(argv)
+    values.config.get('method')  # a config file that failed to load raises here
+  except FileNotFoundError as e:  # the workdir's config.json
+    _exit_with_error(str(e))
+  except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
+    _exit_with_error(config_lib.describe_error(e, argv))
+  if rest[1:]:
+    _exit_with_error(f'unexpected arguments {rest[1:]}; every option is a --flag')
+  return rest
+
+
+def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
+  """app.run's main: evaluates the run that the parsed `values` name."""
+  del argv  # parse_flags let no positional argument through
+  try:
+    run(values.workdir, values.config, step=values.step, split=values.split,
+        root=values.root, batch_size=values.batch_size,
+        recalibrate_bn=values.recalibrate_bn)
   except (ValueError, FileNotFoundError, KeyError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0
+    _exit_with_error(str(e))
+
+
+def _main_owning_the_process(argv: Sequence[str]) -> None:
+  # The table is the output: Orbax's and TFDS's INFO logs (app.run turns them
+  # on) only when --verbosity asks for them.
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)
+  # The CPU process settings of training (runtime.py), made before JAX starts
+  # its CPU client, so that the img/s column compares with training's.
+  runtime.configure_xla_flags()
+  runtime.configure_cpu_process(flags.FLAGS.config.model.get('conv_impl', 'xla'))
+  main(argv)
 
 
 if __name__ == '__main__':
-  sys.exit(main(process_settings=True))
+  app.run(_main_owning_the_process, flags_parser=parse_flags)
