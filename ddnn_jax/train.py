@@ -110,23 +110,33 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns
-  the final evaluation metrics."""
+def _build(config: ml_collections.ConfigDict) -> experiment.Experiment:
+  """The run's assembly on every device, once both batch sizes divide over them."""
   mesh = mesh_lib.create_mesh()
   mesh_lib.check_batch_size(config.batch_size, mesh, 'batch_size')
   mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  exp = experiment.build(config, mesh,
-                         experiment.DataSpec.from_info(_dataset_info(config.data), config))
-  method, num_steps = exp.method, exp.num_steps
+  return experiment.build(config, mesh,
+                          experiment.DataSpec.from_info(_dataset_info(config.data), config))
+
+
+def _resume_or_init(exp: experiment.Experiment, manager) -> TrainState:
+  """The latest checkpoint's state, else a fresh one."""
+  if manager.latest_step() is None:
+    return exp.init_state()
+  state = checkpointing.restore(manager, exp.abstract_state)
+  logging.info('resumed from step %d', int(state.step))
+  return state
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains `config` in `workdir`, resuming from its latest checkpoint; returns
+  the final evaluation metrics."""
+  exp = _build(config)
+  mesh, method, num_steps = exp.mesh, exp.method, exp.num_steps
 
   save_config(config, workdir)
   manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
-  if manager.latest_step() is not None:
-    state = checkpointing.restore(manager, exp.abstract_state)
-    logging.info('resumed from step %d', int(state.step))
-  else:
-    state = exp.init_state()
+  state = _resume_or_init(exp, manager)
   start_step = int(state.step)
 
   train_step, eval_step = _compile_steps(exp, state)
