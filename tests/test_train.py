@@ -170,6 +170,14 @@ def test_evaluate_cli_user_errors_are_one_line_and_exit_2(default_run, capsys, a
   assert len(err.splitlines()) == 1 and err.startswith('error: ') and message in err, err
 
 
+def test_evaluate_cli_takes_a_config_file_with_overrides(tmp_path):
+  values = flags.FlagValues()
+  evaluate.parse_flags(['evaluate', f'--workdir={tmp_path}', '--config', SMOKE,
+                        '--config.eval_batch_size=40', '--batch_size=20'], values)
+  assert values.config.eval_batch_size == 40 and values.config.data.name == 'digits'
+  assert values.batch_size == 20 and values.recalibrate_bn == 0
+
+
 def test_evaluate_cli_bad_input(tmp_path):
   # The `python -m` entry: no config.json in the workdir.
   result = subprocess.run([sys.executable, '-m', 'ddnn_jax.evaluate',
