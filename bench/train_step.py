@@ -25,7 +25,7 @@ runtime.configure_xla_flags()
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddnn_jax import evaluate, experiment  # noqa: E402
+from ddnn_jax import config_lib, experiment  # noqa: E402
 from ddnn_jax import mesh as mesh_lib  # noqa: E402
 from ddnn_jax.train import make_train_step  # noqa: E402
 
@@ -40,8 +40,7 @@ def main():
   parser.add_argument('--num-classes', type=int, default=10)
   parser.add_argument('--steps', type=int, default=20)
   args = parser.parse_args()
-  config = evaluate.load_config('', args.config)
-  evaluate.apply_overrides(config, args.set)
+  config = config_lib.load(args.config, args.set)
   # The process settings python -m ddnn_jax.main makes, before JAX starts.
   runtime.configure_cpu_process(config.model.get('conv_impl', 'xla'))
   mesh = mesh_lib.create_mesh()

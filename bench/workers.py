@@ -102,8 +102,8 @@ def import_jax(conv_impl: str = 'xla'):
 
 
 def load_config(width: float, method: str = 'ekd', individual_depth=None):
-  from ddnn_jax import evaluate
-  config = evaluate.load_config('', CONFIG)
+  from ddnn_jax import config_lib
+  config = config_lib.load(CONFIG)
   config.model.width_multiplier = width
   config.method = method
   # The step the PyTorch peer mirrors (CE + T^2 KL + z-score attention on every

@@ -22,6 +22,10 @@ Cloud TPU accelerator types (`v4-32`, `v5litepod-256`, `v5p-8`, `v6e-16`).
 Exits 1 with a one-line reason when a program does not fit in a chip's HBM or
 the input is wrong; `--find_max_batch` also searches the largest per-chip train
 batch that fits (to a multiple of 8).
+
+This module compiles (`Program`, `check_slice`, `run`) and holds the command
+line; `aot_report` judges the programs against the chips and formats them,
+`batch_search` finds the largest batch that fits.
 """
 
 from __future__ import annotations
@@ -38,7 +42,15 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from ddnn_jax import evaluate, experiment, input_pipeline, models, train
+from ddnn_jax import (
+    aot_report,
+    batch_search,
+    evaluate,
+    experiment,
+    input_pipeline,
+    models,
+    train,
+)
 from ddnn_jax import mesh as mesh_lib
 from ddnn_jax.tpu_slices import GIB, AotError, Slice, parse_topology, topology_devices
 
@@ -185,125 +197,8 @@ class Options:
         raise AotError(f'--{name}={getattr(self, name)} must be in (0, 1]')
 
 
-@dataclasses.dataclass
-class SliceReport:
-  slice: Slice
-  global_batch: int
-  options: Options
-  train_examples: int
-  programs: list[Program]
-  setup: dict = dataclasses.field(default_factory=dict)  # model, method, dtype, depths
-  max_batch_per_chip: int | None = None
-
-  @property
-  def train_step(self) -> Program:
-    return self.programs[0]
-
-  @property
-  def baseline(self) -> Program | None:
-    return next((p for p in self.programs if p.name == 'full_net_alone'), None)
-
-  @property
-  def capacity(self) -> int:
-    """Bytes per chip a program may use."""
-    return int(self.slice.chip.hbm_bytes * self.options.hbm_fraction)
-
-  def fits(self, program: Program) -> bool:
-    return program.error is None and program.total <= self.capacity
-
-  def projection(self) -> dict[str, float]:
-    """Step time and throughput at `utilization` of peak bf16 FLOP/s, and the
-    roofline bound: FLOPs at peak or HBM traffic at full bandwidth, the slower."""
-    step, chip = self.train_step, self.slice.chip
-    seconds = step.flops / (self.options.utilization * chip.peak_bf16_flops)
-    per_chip = step.batch_per_chip / seconds if seconds else 0.0
-    slice_rate = per_chip * self.slice.num_chips
-    at_peak = step.flops / chip.peak_bf16_flops
-    roofline = max(at_peak, step.bytes_accessed / chip.hbm_bytes_per_second)
-    result = {'step_seconds': seconds, 'images_per_second_per_chip': per_chip,
-              'images_per_second': slice_rate,
-              'epoch_seconds': self.train_examples / slice_rate if slice_rate else 0.0,
-              'flops_per_image': step.flops / step.batch_per_chip,
-              'peak_step_seconds': at_peak,
-              'peak_images_per_second_per_chip':
-                  step.batch_per_chip / at_peak if at_peak else 0.0,
-              'roofline_step_seconds': roofline,
-              'roofline_images_per_second_per_chip':
-                  step.batch_per_chip / roofline if roofline else 0.0}
-    if self.baseline is not None and self.baseline.flops:
-      result['flops_vs_full_net_alone'] = step.flops / self.baseline.flops
-    return result
-
-  def to_json(self) -> dict:
-    return {**self.setup, 'topology': self.slice.name, 'libtpu_topology': self.slice.topology,
-            'chip': self.slice.chip.name, 'chips': self.slice.num_chips,
-            'hbm_bytes': self.slice.chip.hbm_bytes,
-            'peak_bf16_flops': self.slice.chip.peak_bf16_flops,
-            'hbm_bytes_per_second': self.slice.chip.hbm_bytes_per_second,
-            'global_batch': self.global_batch, 'utilization': self.options.utilization,
-            'capacity_bytes': self.capacity,
-            'train_examples': self.train_examples,
-            'max_batch_per_chip': self.max_batch_per_chip,
-            'programs': [{**dataclasses.asdict(p), 'total': p.total,
-                          'fits': self.fits(p)} for p in self.programs],
-            'projection': self.projection()}
-
-
-def find_max_batch(measure, capacity: int, start: int, step: int = 8,
-                   limit: int = 1 << 16) -> int:
-  """Largest per-chip batch whose program fits in `capacity` bytes: a multiple
-  of `step` (smaller only when not even `step` fits); 0 when batch 1 does not.
-
-  `measure(batch)` compiles and returns bytes per chip, None when the compiler
-  runs out of memory. The result fits and result + step does not.
-  """
-  found = _largest_fitting(lambda k: measure(k * step), capacity, max(1, start // step),
-                           max(1, limit // step))
-  if found or step == 1:
-    return found * step
-  return _largest_fitting(measure, capacity, min(start, step - 1), step - 1)
-
-
-def _largest_fitting(measure, capacity: int, start: int, limit: int) -> int:
-  """Largest n >= 1 with measure(n) <= capacity (0 if none), assuming memory
-  grows with n. Memory is close to affine in the batch, so each probe is where
-  a line through the two largest measured points meets `capacity`, kept
-  strictly inside the bracket (largest fit, smallest failure)."""
-  measured: dict[int, int | None] = {}
-
-  def fits(n: int) -> bool:
-    if n not in measured:
-      measured[n] = measure(n)
-    used = measured[n]
-    return used is not None and used <= capacity
-
-  low = max(1, start)
-  while not fits(low):
-    if low == 1:
-      return 0
-    low //= 2
-  high = None  # smallest n known not to fit
-  while high is None or high - low > 1:
-    if high is None and low >= limit:
-      return low
-    points = sorted((n, used) for n, used in measured.items() if used is not None)[-2:]
-    guess = 0
-    if len(points) == 2 and points[1][1] > points[0][1]:
-      (n0, m0), (n1, m1) = points
-      guess = int(n0 + (capacity - m0) * (n1 - n0) / (m1 - m0))
-    if high is None:  # grow: to the prediction (past `low`), or double
-      guess = min(max(guess, low + 1) if guess else 2 * low, limit)
-    elif not low < guess < high:  # shrink: the prediction if inside, else the middle
-      guess = (low + high) // 2
-    if fits(guess):
-      low = guess
-    else:
-      high = guess
-  return low
-
-
 def check_slice(config, slice_: Slice, options: Options = Options(),
-                log=print) -> SliceReport:
+                log=print) -> aot_report.SliceReport:
   """Compiles every program of `config` for `slice_` and reports on them."""
   classes = _num_classes(config)
   examples = options.train_examples or _train_examples(config)
@@ -325,93 +220,44 @@ def check_slice(config, slice_: Slice, options: Options = Options(),
   if options.eval_programs:
     programs += compile_eval_programs(exp)
     log(f'  compiled the eval step and {len(exp.depths)} forwards')
-  report = SliceReport(slice_, config.batch_size, options, examples, programs,
-                       setup={'model': config.model.name, 'method': config.method,
-                              'dtype': config.model.dtype,
-                              'depths': [list(d) for d in exp.depths]})
+  report = aot_report.SliceReport(
+      slice_, config.batch_size, options, examples, programs,
+      setup={'model': config.model.name, 'method': config.method,
+             'dtype': config.model.dtype, 'depths': [list(d) for d in exp.depths]})
   if options.max_batch:
-    compiled = {programs[0].batch_per_chip: programs[0]}  # the config's own batch
-
-    def measure(per_chip: int) -> int | None:
-      program = compiled.get(per_chip) or compile_train_step(
-          build(config, mesh, classes, examples, per_chip * mesh.size))
-      log(f'  per-chip train batch {per_chip}: '
-          + ('out of memory' if program.error else f'{program.total / GIB:.2f} GiB'))
-      return None if program.error else program.total
-
-    report.max_batch_per_chip = find_max_batch(measure, report.capacity,
-                                               config.batch_size // mesh.size)
+    report.max_batch_per_chip = _max_batch_per_chip(
+        config, mesh, classes, examples, programs[0], report.capacity, log)
   return report
 
 
-def format_report(report: SliceReport) -> str:
-  chip, options = report.slice.chip, report.options
-  unit, scale = ('GiB', GIB) if report.train_step.total >= GIB // 2 else ('MiB', 2**20)
-  lines = [f'{report.slice.name} ({report.slice.topology}): {report.slice.num_chips} chips '
-           f'of {chip.name}, {chip.hbm_bytes / GIB:.1f} GiB HBM and '
-           f'{chip.peak_bf16_flops / 1e12:.0f} TFLOP/s peak bf16 each; mesh data='
-           f'{report.slice.num_chips}; global batch {report.global_batch}',
-           f'{"program":<20}{"batch/chip":>11}{"args":>8}{"out":>8}{"alias":>8}{"temp":>8}'
-           f'{"code":>8}{"total":>8}{"HBM":>6}{"GFLOP/step":>12}  ({unit} per chip)']
-  for p in report.programs:
-    if p.error is not None:
-      lines.append(f'{p.name:<20}{p.batch_per_chip:>11}  does not compile: {p.error[:160]}')
-      continue
-    sizes = ''.join(f'{n / scale:>8.2f}' for n in (p.argument, p.output, p.alias, p.temp,
-                                                     p.code, p.total))
-    lines.append(f'{p.name:<20}{p.batch_per_chip:>11}{sizes}{p.total / chip.hbm_bytes:>6.0%}'
-                 f'{p.flops / 1e9:>12.4g}' + ('' if report.fits(p) else '  DOES NOT FIT'))
-  if options.hbm_fraction < 1:
-    lines.append(f'programs may use {options.hbm_fraction:.0%} of HBM: '
-                 f'{report.capacity / GIB:.2f} GiB per chip')
-  if report.train_step.error is None:
-    proj = report.projection()
-    lines.append(
-        f'projected at {options.utilization:.0%} of peak: train step '
-        f'{proj["step_seconds"] * 1e3:.3g} ms, {proj["images_per_second_per_chip"]:,.0f} '
-        f'img/s per chip, {proj["images_per_second"]:,.0f} img/s for the slice, '
-        f'{proj["epoch_seconds"]:,.1f} s per epoch of {report.train_examples:,} images; '
-        f'{proj["flops_per_image"] / 1e9:.3g} GFLOP per training image')
-    lines.append(
-        f'at 100% of peak: {proj["peak_step_seconds"] * 1e3:.3g} ms, '
-        f'{proj["peak_images_per_second_per_chip"]:,.0f} img/s per chip; roofline bound '
-        f'(also {report.train_step.bytes_accessed / 1e9:.3g} GB of HBM traffic at '
-        f'{chip.hbm_bytes_per_second / 1e9:.0f} GB/s): '
-        f'{proj["roofline_step_seconds"] * 1e3:.3g} ms, at most '
-        f'{proj["roofline_images_per_second_per_chip"]:,.0f} img/s per chip')
-    if 'flops_vs_full_net_alone' in proj:
-      lines.append(f'train step FLOPs / full net alone: {proj["flops_vs_full_net_alone"]:.2f}x')
-  if report.max_batch_per_chip is not None:
-    lines.append(f'largest per-chip train batch that fits: {report.max_batch_per_chip} '
-                 f'(global {report.max_batch_per_chip * report.slice.num_chips})')
-  return '\n'.join(lines)
+def _max_batch_per_chip(config, mesh, classes: int, examples: int, train_step: Program,
+                        capacity: int, log) -> int:
+  """The largest per-chip train batch whose step fits in `capacity` bytes;
+  each probe compiles the train step at that batch (`train_step` is the
+  config's own)."""
+  compiled = {train_step.batch_per_chip: train_step}
+
+  def measure(per_chip: int) -> int | None:
+    program = compiled.get(per_chip) or compile_train_step(
+        build(config, mesh, classes, examples, per_chip * mesh.size))
+    log(f'  per-chip train batch {per_chip}: '
+        + ('out of memory' if program.error else f'{program.total / GIB:.2f} GiB'))
+    return None if program.error else program.total
+
+  return batch_search.find_max_batch(measure, capacity, config.batch_size // mesh.size)
 
 
 def run(config, topologies: Sequence[str], options: Options = Options(),
-        log=print) -> list[SliceReport]:
+        log=print) -> list[aot_report.SliceReport]:
   """Checks every topology (all names are checked before anything compiles)."""
   options.check()
   slices = [parse_topology(t) for t in topologies]
   reports = []
   for slice_ in slices:
     report = check_slice(config, slice_, options, log)
-    log(format_report(report))
+    log(aot_report.format_report(report))
     reports.append(report)
   return reports
-
-
-def failures(reports: Sequence[SliceReport]) -> list[str]:
-  """One line per program that does not fit."""
-  lines = []
-  for report in reports:
-    for p in report.programs:
-      if not report.fits(p):
-        need = 'more than HBM' if p.error else f'{p.total / GIB:.2f} GiB'
-        lines.append(
-            f'{p.name} needs {need} per chip on {report.slice.name}, which allows '
-            f'{report.capacity / GIB:.2f} GiB; lower --config.{p.batch_field} or use more chips '
-            '(--find_max_batch finds the largest batch that fits)')
-  return lines
 
 
 FLAGS = flags.FLAGS
@@ -447,7 +293,7 @@ def main(argv: Sequence[str]) -> None:
   if FLAGS.json:
     with open(FLAGS.json, 'w') as f:
       json.dump([r.to_json() for r in reports], f, indent=2)
-  if problems := failures(reports):
+  if problems := aot_report.failures(reports):
     for line in problems:
       print(f'error: {line}', file=sys.stderr)
     sys.exit(1)

@@ -6,7 +6,7 @@ calibration re-estimates, for one depth, the statistics of every BatchNorm
 layer that depth uses as the plain average of the per-batch mean and variance
 over `num_batches` training batches (the "precise BN" estimate), leaving the
 learned weights alone. It works with every BN mode (METHODS.md, section 1);
-`python -m ddnn_jax.evaluate --recalibrate-bn N` applies it before scoring.
+`python -m ddnn_jax.evaluate --recalibrate_bn N` applies it before scoring.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def recalibrate(model: models.DDNNResNet, variables: dict, depth: models.Depth,
       break
   if seen < num_batches:
     raise ValueError(f'only {seen} batches to re-calibrate BatchNorm on, asked for '
-                     f'{num_batches}; lower --recalibrate-bn')
+                     f'{num_batches}; lower --recalibrate_bn')
   averaged = jax.tree.map(lambda x: x / seen, total)
   return {**variables, 'batch_stats': averaged}
 

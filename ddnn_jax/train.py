@@ -23,6 +23,7 @@ from ddnn_jax import (
   input_pipeline,
   models,
   preemption,
+  reporting,
 )
 from ddnn_jax import mesh as mesh_lib
 from ddnn_jax.train_state import TrainState
@@ -171,15 +172,21 @@ def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
     (path / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
 
+def _build(config: ml_collections.ConfigDict) -> experiment.Experiment:
+  """The run's assembly on every device, once both batch sizes divide over them."""
+  mesh = mesh_lib.create_mesh()
+  mesh_lib.check_batch_size(config.batch_size, mesh, 'batch_size')
+  mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
+  return experiment.build(config, mesh,
+                          experiment.DataSpec.from_info(_dataset_info(config.data), config))
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns
   the final evaluation metrics."""
   check_config(config, workdir)  # before anything is written
-  mesh = mesh_lib.create_mesh()
-  mesh_lib.check_batch_size(config.batch_size, mesh, 'batch_size')
-  mesh_lib.check_batch_size(config.eval_batch_size, mesh, 'eval_batch_size')
-  exp = experiment.build(config, mesh,
-                         experiment.DataSpec.from_info(_dataset_info(config.data), config))
+  exp = _build(config)
+  mesh = exp.mesh
   save_config(config, workdir)
   manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
   if manager.latest_step() is not None:
@@ -210,9 +217,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                     preempt.signal_name, int(state.step))
     return {}
   # The report a user reads: json, Markdown table and plot in the workdir.
-  evaluate.report(workdir, config, exp.model, state.variables, exp.depths,
-                  eval_metrics, step=int(state.step), label=config.data.eval_split,
-                  sample_images=next(iter(_eval_batches(config)))['image'], mesh=mesh)
+  reporting.report(workdir, config, exp.model, state.variables, exp.depths,
+                   eval_metrics, step=int(state.step), label=config.data.eval_split,
+                   sample_images=next(iter(_eval_batches(config)))['image'], mesh=mesh)
   return eval_metrics
 
 

@@ -21,7 +21,7 @@ Wall and CPU time per run, summed over attempts, are kept in
 OUT/<run>/attempts.json; after every finished run the tables so far are
 rewritten to OUT/tables/cifar10_ekd.md (experiments/summarize.py).
 Each finished DDNN run is also scored with BatchNorm statistics re-estimated
-per depth (`ddnn_jax.evaluate --recalibrate-bn 20`, eval_validation_bnrecal20.*).
+per depth (`ddnn_jax.evaluate --recalibrate_bn 20`, eval_validation_bnrecal20.*).
 Changing the recipe (epochs, width, ...) for an OUT that already holds runs is
 refused: start a new OUT.
 """
@@ -187,7 +187,7 @@ def _run_logged(cmd: list[str], log_path: str) -> int:
 
 def recalibrate_command(workdir: str, num_batches: int) -> list[str]:
   return [sys.executable, '-m', 'ddnn_jax.evaluate', f'--workdir={workdir}',
-          f'--recalibrate-bn={num_batches}']
+          f'--recalibrate_bn={num_batches}']
 
 
 def recalibrate(run: Run, workdir: str, num_batches: int, dry_run: bool) -> None:

@@ -42,7 +42,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ddnn_jax import (  # noqa: E402
-  evaluate,
+  config_lib,
   experiment,
   input_pipeline,
   losses,
@@ -132,10 +132,10 @@ def main() -> None:
   parser.add_argument('--every', type=int, default=10)
   parser.add_argument('--window', type=int, default=50, help='steps per table row')
   args = parser.parse_args()
-  config = evaluate.load_config('', 'configs/cifar10_folder.py')
+  config = config_lib.load('configs/cifar10_folder.py')
   config.data.root = os.path.abspath(args.root)
   config.model.width_multiplier = 0.5
-  evaluate.apply_overrides(config, args.set)
+  config_lib.apply_overrides(config, args.set)
   runtime.configure_cpu_process(config.model.conv_impl)
   input_pipeline.hide_accelerators_from_tf()
 

@@ -31,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from ddnn_jax import evaluate, input_pipeline, losses, models  # noqa: E402
+from ddnn_jax import config_lib, evaluate, input_pipeline, losses, models  # noqa: E402
 from ddnn_jax import mesh as mesh_lib  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
   print('| run | depth | stage | spatial CV | zscore dist to full | zero frac |')
   print('|---|---|---:|---:|---:|---:|')
   for workdir in args.workdirs:
-    config = evaluate.load_config(workdir)
+    config = config_lib.load_saved(workdir)
     method, variables, _ = evaluate.restore(workdir, config, mesh)
     chunks, seen = [], 0
     for batch in input_pipeline.eval_batches(config.data, global_batch_size=500):

@@ -153,7 +153,7 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
   recal = recal['summary']
   if any(g != 'individual' for g in recal):
     lines += ['', 'The same after re-estimating each depth\'s BatchNorm statistics '
-              '(`--recalibrate-bn`, see below; `individual` nets as trained):', '']
+              '(`--recalibrate_bn`, see below; `individual` nets as trained):', '']
     lines += _main_table(recal, costs, depths)
 
   ablations = [g for g in summary if g not in ('ekd', 'joint_ce', 'individual')]
@@ -187,7 +187,7 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
   if recalibrated:
     batches = recalibrated[0]['recalibrated'].get('bn_recalibration_batches')
     lines += ['', f'BatchNorm statistics re-estimated per depth on {batches} training '
-              'batches after training (`python -m ddnn_jax.evaluate --recalibrate-bn '
+              'batches after training (`python -m ddnn_jax.evaluate --recalibrate_bn '
               f'{batches}`), top-1 before → after:', '',
               '| run | ' + ' | '.join(depth_name(d) for d in depths) + ' |',
               '|---|' + '---|' * len(depths)]

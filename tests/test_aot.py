@@ -10,14 +10,21 @@ import sys
 import pytest
 
 from configs import datasets
-from ddnn_jax import aot, evaluate, input_pipeline, tpu_slices
+from ddnn_jax import (
+  aot,
+  aot_report,
+  batch_search,
+  config_lib,
+  input_pipeline,
+  tpu_slices,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'imagenet.py') + ':smoke'
 
 
 def smoke_config(**overrides):
-  config = evaluate.load_config('', SMOKE)
+  config = config_lib.load(SMOKE)
   config.update(overrides)
   return config
 
@@ -76,7 +83,7 @@ def affine_measure(fixed, per_image, capacity, oom_above=None):
 def test_find_max_batch_is_the_boundary(fixed, per_image, start, oom_above):
   capacity = 10_000
   measure, calls = affine_measure(fixed, per_image, capacity, oom_above)
-  found = aot.find_max_batch(measure, capacity, start, step=8)
+  found = batch_search.find_max_batch(measure, capacity, start, step=8)
 
   def fits(b):
     used = measure(b)
@@ -89,13 +96,13 @@ def test_find_max_batch_is_the_boundary(fixed, per_image, start, oom_above):
 
 def test_find_max_batch_below_the_step_and_none():
   measure, _ = affine_measure(9_000, 200, 10_000)  # batch 5 fits, 6 does not
-  assert aot.find_max_batch(measure, 10_000, 16) == 5
+  assert batch_search.find_max_batch(measure, 10_000, 16) == 5
   measure, _ = affine_measure(20_000, 10, 10_000)
-  assert aot.find_max_batch(measure, 10_000, 16) == 0
+  assert batch_search.find_max_batch(measure, 10_000, 16) == 0
 
 
 def test_train_examples_come_from_the_preset():
-  config = evaluate.load_config('', os.path.join(ROOT, 'configs', 'imagenet.py'))
+  config = config_lib.load(os.path.join(ROOT, 'configs', 'imagenet.py'))
   assert aot._train_examples(config) == 1_281_167
   config.data.train_split = 'train[:90%]'
   with pytest.raises(aot.AotError, match='pass --train_examples'):
@@ -155,7 +162,7 @@ def test_every_program_compiles_with_positive_memory_and_flops(smoke_report):
     assert p.argument > 0 and p.output > 0 and p.total > 0 and p.flops > 0, p
   step = smoke_report.train_step
   assert step.batch_per_chip == 32 // 4 and step.alias > 0  # the state is donated
-  assert not aot.failures([smoke_report])
+  assert not aot_report.failures([smoke_report])
 
 
 def test_projection_and_method_cost(smoke_report):

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from ddnn_jax import evaluate, methods, train
+from ddnn_jax import config_lib, methods, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
@@ -18,7 +18,7 @@ CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, 'conf
 
 
 def load(name, arg=''):
-  return evaluate.load_config('', os.path.join(ROOT, 'configs', name) + (f':{arg}' if arg else ''))
+  return config_lib.load(os.path.join(ROOT, 'configs', name) + (f':{arg}' if arg else ''))
 
 
 def test_all_configs_are_listed():
@@ -142,10 +142,27 @@ def test_smoke_variant_trains(name, tmp_path):
 
 def test_apply_overrides_literals_strings_and_nesting():
   config = load('cifar10_folder.py')
-  evaluate.apply_overrides(config, ['model.width_multiplier=0.5', 'method=joint_ce',
+  config_lib.apply_overrides(config, ['model.width_multiplier=0.5', 'method=joint_ce',
                                     'depths=((1,1,1),(3,3,3))', 'ekd.rampup_epochs=2'])
   assert config.model.width_multiplier == 0.5 and config.method == 'joint_ce'
   assert tuple(map(tuple, config.depths)) == ((1, 1, 1), (3, 3, 3))
   assert config.ekd.rampup_epochs == 2
   with pytest.raises(ValueError, match='is not FIELD=VALUE'):
-    evaluate.apply_overrides(config, ['model.width_multiplier'])
+    config_lib.apply_overrides(config, ['model.width_multiplier'])
+
+
+def test_load_and_saved_config_take_overrides_as_the_flags_do(tmp_path):
+  config = config_lib.load(os.path.join(ROOT, 'configs', 'default.py:smoke'),
+                           ['optim.learning_rate=0.3', 'depths=((1,1,1),(3,3,3))'])
+  assert config.optim.learning_rate == 0.3 and config.depths == ((1, 1, 1), (3, 3, 3))
+  train.save_config(config, str(tmp_path))
+  saved = config_lib.load_saved(str(tmp_path))  # JSON lists are tuples again
+  assert saved.depths == ((1, 1, 1), (3, 3, 3)) and saved.optim.learning_rate == 0.3
+  config_lib.apply_overrides(saved, ['depths=((2,2,2),(3,3,3))'])
+  assert saved.depths == ((2, 2, 2), (3, 3, 3))
+  with pytest.raises(ValueError, match='not --config.learning_rate'):
+    config_lib.apply_overrides(saved, ['learning_rate=0.1'])
+  with pytest.raises(FileNotFoundError, match='config.json does not exist'):
+    config_lib.load_saved(str(tmp_path / 'nothing'))
+  with pytest.raises(FileNotFoundError, match='nope.py does not exist'):
+    config_lib.load(os.path.join(ROOT, 'configs', 'nope.py'))

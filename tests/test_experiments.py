@@ -154,6 +154,20 @@ def test_finished_ddnn_runs_are_rescored_with_recalibrated_bn_once(tmp_path, mon
   assert capsys.readouterr().out.count('[bn re-calibration] ekd_s0') == 1
 
 
+def test_recalibrate_command_is_what_the_evaluate_cli_parses(tmp_path):
+  from absl import flags  # noqa: PLC0415
+
+  from ddnn_jax import config_lib, evaluate, train  # noqa: PLC0415
+
+  train.save_config(config_lib.load(str(REPO / 'configs' / 'default.py')), str(tmp_path))
+  cmd = driver.recalibrate_command(str(tmp_path), 20)
+  assert cmd[1:3] == ['-m', 'ddnn_jax.evaluate']
+  values = flags.FlagValues()
+  assert evaluate.parse_flags(['evaluate', *cmd[3:]], values) == ['evaluate']
+  assert values.workdir == str(tmp_path) and values.recalibrate_bn == 20
+  assert values.config.method == 'ekd'  # the run's saved config
+
+
 def test_changed_recipe_is_refused_for_an_existing_run(tmp_path, monkeypatch):
   monkeypatch.setattr(driver, 'command', lambda run, shared, workdir: [
       sys.executable, '-c', 'raise SystemExit(1)'])

@@ -13,8 +13,9 @@ import sys
 import jax
 import numpy as np
 import pytest
+from absl import flags
 
-from ddnn_jax import checkpointing, evaluate, train
+from ddnn_jax import checkpointing, config_lib, evaluate, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
@@ -22,7 +23,7 @@ SMOKE = os.path.join(ROOT, 'configs', 'default.py') + ':smoke'
 
 
 def smoke_config(**overrides):
-  config = evaluate.load_config('', SMOKE)
+  config = config_lib.load(SMOKE)
   config.update_from_flattened_dict(overrides)  # {'optim.learning_rate': 0.05, ...}
   return config
 
@@ -92,9 +93,21 @@ def test_run_leaves_checkpoint_events_and_config(default_run):
   assert scalars(workdir, 'eval/d1-1-1/top1')
 
 
+def evaluate_cli(*args):
+  """Exit status of `python -m ddnn_jax.evaluate ARGS`'s flag parsing and main,
+  run in this process on fresh flags (without the process settings)."""
+  argv = ['evaluate', *args]
+  values = flags.FlagValues()
+  try:
+    evaluate.main(evaluate.parse_flags(argv, values), values)
+  except SystemExit as e:
+    return e.code
+  return 0
+
+
 def test_evaluate_cli_writes_json_table_and_plot(default_run, capsys):
   workdir, metrics = default_run
-  assert evaluate.main(['--workdir', workdir]) == 0
+  assert evaluate_cli('--workdir', workdir) == 0
   printed = capsys.readouterr().out
   assert '| depth | top-1 |' in printed
   with open(os.path.join(workdir, 'eval_test.json')) as f:
@@ -113,7 +126,7 @@ def test_evaluate_cli_writes_json_table_and_plot(default_run, capsys):
 
 def test_evaluate_cli_recalibrates_bn_per_depth(default_run, capsys):
   workdir, _ = default_run
-  assert evaluate.main(['--workdir', workdir, '--recalibrate-bn', '2']) == 0
+  assert evaluate_cli('--workdir', workdir, '--recalibrate_bn', '2') == 0
   assert '| depth | top-1 |' in capsys.readouterr().out
   with open(os.path.join(workdir, 'eval_test_bnrecal2.json')) as f:
     result = json.load(f)
@@ -124,19 +137,60 @@ def test_evaluate_cli_recalibrates_bn_per_depth(default_run, capsys):
   # The plain evaluation stays where it was.
   with open(os.path.join(workdir, 'eval_test.json')) as f:
     assert json.load(f).get('bn_recalibration_batches', 0) == 0
-  assert evaluate.main(['--workdir', workdir, '--recalibrate-bn', '-1']) == 2
-  assert '--recalibrate-bn must be >= 0' in capsys.readouterr().err
 
 
-def test_evaluate_cli_bad_input(tmp_path, capsys):
-  assert evaluate.main(['--workdir', str(tmp_path)]) == 2
-  assert 'config.json' in capsys.readouterr().err
+def test_evaluate_cli_overrides_the_saved_config(default_run, capsys):
+  workdir, _ = default_run
+  # The saved config's eval split is 'test'; an override scores another one.
+  assert evaluate_cli('--workdir', workdir, '--config.data.eval_split=train',
+                      '--batch_size=64') == 0
+  with open(os.path.join(workdir, 'eval_train.json')) as f:
+    assert json.load(f)['examples'] == 1437
+  assert 'split train, 1437 examples' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('args, message', [
+    ((), '--workdir must have a value'),
+    (('--step', '99'), 'no checkpoint for step 99'),
+    (('--recalibrate_bn', '-1'), '--recalibrate_bn=-1: -1 is not a non-negative integer'),
+    (('--recalibrate-bn', '2'), "Unknown command line flag 'recalibrate-bn'"),
+    (('--config.optim.learning_rate=abc',), "could not convert string to float: 'abc'"),
+    (('--config.learning_rate=0.1',), 'not --config.learning_rate'),
+    (('--config', 'configs/nope.py'), 'could not load the --config file'),
+    (('stray',), "unexpected arguments ['stray']"),
+])
+def test_evaluate_cli_user_errors_are_one_line_and_exit_2(default_run, capsys, args,
+                                                          message):
+  workdir, _ = default_run
+  argv = args if args == () else ('--workdir', workdir, *args)
+  assert evaluate_cli(*argv) == 2
+  err = capsys.readouterr().err
+  assert len(err.splitlines()) == 1 and err.startswith('error: ') and message in err, err
+
+
+def test_evaluate_cli_takes_a_config_file_with_overrides(tmp_path):
+  values = flags.FlagValues()
+  evaluate.parse_flags(['evaluate', f'--workdir={tmp_path}', '--config', SMOKE,
+                        '--config.eval_batch_size=40', '--batch_size=20'], values)
+  assert values.config.eval_batch_size == 40 and values.config.data.name == 'digits'
+  assert values.batch_size == 20 and values.recalibrate_bn == 0
+
+
+def test_evaluate_cli_bad_input(tmp_path):
+  # The `python -m` entry: no config.json in the workdir.
+  result = subprocess.run([sys.executable, '-m', 'ddnn_jax.evaluate',
+                           f'--workdir={tmp_path}'], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+  assert result.returncode == 2
+  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(errors) == 1 and 'config.json does not exist' in errors[0], result.stderr
+  assert 'Traceback' not in result.stderr
 
 
 def test_image_folder_run_and_evaluate_another_root(cifar_roots, tmp_path, capsys):
   root, other = cifar_roots  # real CIFAR-10 JPEGs: 30 per class, and 10 more
   workdir = str(tmp_path)
-  config = evaluate.load_config('', os.path.join(ROOT, 'configs', 'cifar10_folder.py'))
+  config = config_lib.load(os.path.join(ROOT, 'configs', 'cifar10_folder.py'))
   config.data.root = str(root)
   config.data.validation_size = 50
   config.data.data_dir = str(tmp_path / 'tfds')
@@ -145,7 +199,7 @@ def test_image_folder_run_and_evaluate_another_root(cifar_roots, tmp_path, capsy
                      log_every_steps=1, eval_every_epochs=1.0))
   metrics = train.train_and_evaluate(config, workdir)
   assert metrics['count'] == 50  # the held-out validation split
-  assert evaluate.main(['--workdir', workdir, '--root', str(other), '--split', 'test']) == 0
+  assert evaluate_cli('--workdir', workdir, '--root', str(other), '--split', 'test') == 0
   with open(os.path.join(workdir, 'eval_OTHER_test.json')) as f:
     result = json.load(f)
   assert result['examples'] == 100 and result['root'] == str(other)

@@ -1,0 +1,105 @@
+"""What a user reads of an evaluation: the table, the JSON, the plot.
+
+`report` takes the per-depth metrics of `evaluate.evaluate_depths`, adds each
+depth's parameters, compiled GFLOPs (ddnn_jax.costs) and images/s measured on
+this machine, writes `eval_<label>.json`, `eval_<label>.md` and
+`accuracy_vs_flops.png` into the workdir and prints the table. The trainer
+calls it after its last evaluation, `python -m ddnn_jax.evaluate` after its own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from ddnn_jax import costs, evaluate, models
+from ddnn_jax import mesh as mesh_lib
+
+
+def measure_throughput(model: models.DDNNResNet, variables, depth: models.Depth,
+                       images: np.ndarray, mesh: jax.sharding.Mesh,
+                       min_seconds: float = 1.0) -> float:
+  """Images/s of the jitted inference forward of one depth on this machine."""
+  forward = evaluate.make_forward(model, depth, mesh)
+  images = mesh_lib.global_batch({'image': images}, mesh)['image']
+  forward(variables, images).block_until_ready()  # compile and warm up
+  runs, start = 0, time.perf_counter()
+  while runs < 2 or time.perf_counter() - start < min_seconds:
+    forward(variables, images).block_until_ready()
+    runs += 1
+  return runs * images.shape[0] / (time.perf_counter() - start)
+
+
+def format_table(rows: Sequence[dict]) -> str:
+  """The Markdown table of `report`'s rows, one per depth."""
+  lines = ['| depth | top-1 | top-5 | loss | KL to full | agreement | params | GFLOPs | img/s |',
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
+  for r in rows:
+    lines.append(
+        f'| {",".join(map(str, r["depth"]))} | {100 * r["top1"]:.2f} | '
+        f'{100 * r["top5"]:.2f} | {r["loss"]:.4f} | {r["kl_to_full"]:.4f} | '
+        f'{100 * r["agreement"]:.2f} | {r["params"]:,} | {r["flops"] / 1e9:.4g} | '
+        f'{r["images_per_second"]:.0f} |')
+  return '\n'.join(lines)
+
+
+def plot_accuracy_vs_flops(rows: Sequence[dict], path: str, title: str) -> None:
+  """Top-1 against GFLOPs per image, one point per depth, saved to `path`."""
+  import matplotlib  # noqa: PLC0415 -- loaded only when a report is drawn
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # noqa: PLC0415
+
+  fig, ax = plt.subplots(figsize=(5, 3.5))
+  gflops = [r['flops'] / 1e9 for r in rows]
+  top1 = [100 * r['top1'] for r in rows]
+  ax.plot(gflops, top1, 'o-')
+  for r, x, y in zip(rows, gflops, top1):
+    ax.annotate(','.join(map(str, r['depth'])), (x, y), textcoords='offset points',
+                xytext=(4, -10), fontsize=8)
+  ax.set_xlabel('GFLOPs per image (XLA cost analysis)')
+  ax.set_ylabel('top-1 accuracy (%)')
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def report(workdir: str, config: ml_collections.ConfigDict, model: models.DDNNResNet,
+           variables, depths: Sequence[models.Depth], metrics: dict[str, float], *,
+           step: int, label: str, sample_images: np.ndarray, mesh: jax.sharding.Mesh,
+           root: str | None = None, extra: dict | None = None) -> list[dict]:
+  """Adds params, GFLOPs and img/s to `metrics`; writes json, md and png; prints."""
+  host_variables = jax.device_get(variables)
+  image_size = sample_images.shape[1]
+  rows = []
+  for depth in depths:
+    tag = models.depth_tag(depth)
+    params = models.count_params(models.extract_subnet(host_variables, depth)['params'])
+    rows.append({
+        'depth': list(depth), 'params': params,
+        'flops': costs.compiled_flops(model, variables, depth, image_size),
+        'images_per_second': measure_throughput(model, variables, depth, sample_images,
+                                                mesh),
+        **{name: metrics[f'{tag}/{name}'] for name in evaluate.METRICS},
+    })
+  result = {'workdir': workdir, 'step': step, 'split': label, 'root': root,
+            'examples': int(metrics['count']), 'model': config.model.name,
+            'method': config.method, **(extra or {}), 'depths': rows}
+  title = (f'{config.model.name} ({config.method}), step {step}, split {label}, '
+           f'{result["examples"]} examples')
+  table = format_table(rows)
+  if jax.process_index() == 0:
+    out = epath.Path(workdir)
+    (out / f'eval_{label}.json').write_text(json.dumps(result, indent=2))
+    (out / f'eval_{label}.md').write_text(f'{title}\n\n{table}\n')
+    plot_accuracy_vs_flops(rows, str(out / 'accuracy_vs_flops.png'), title)
+  print(title)
+  print(table)
+  return rows
