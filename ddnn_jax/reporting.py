@@ -1,4 +1,5 @@
-"""What a user reads of an evaluation: the table, the JSON, the plot.
+"""What a user reads of an evaluation: the table, the JSON, the plot; and the
+scalars the trainer logged, read back from its TensorBoard event files.
 
 `report` takes the per-depth metrics of `evaluate.evaluate_depths`, adds each
 depth's parameters, compiled GFLOPs (ddnn_jax.costs) and images/s measured on
@@ -9,7 +10,10 @@ calls it after its last evaluation, `python -m ddnn_jax.evaluate` after its own.
 
 from __future__ import annotations
 
+import collections
+import glob
 import json
+import os
 import time
 from collections.abc import Sequence
 
@@ -103,3 +107,22 @@ def report(workdir: str, config: ml_collections.ConfigDict, model: models.DDNNRe
   print(title)
   print(table)
   return rows
+
+
+def read_scalars(workdir: str) -> dict[str, dict[int, float]]:
+  """Every scalar the trainer wrote to `workdir`'s TensorBoard event files:
+  tag -> {step: value} (clu writes them as tensors; older writers as
+  simple_value)."""
+  import tensorflow as tf  # only this reads events; TF stays out of the rest
+
+  series = collections.defaultdict(dict)
+  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        if value.HasField('tensor'):
+          number = tf.make_ndarray(value.tensor)
+          if number.ndim == 0 and number.dtype.kind in 'fiu':
+            series[value.tag][event.step] = float(number)
+        elif value.HasField('simple_value'):
+          series[value.tag][event.step] = value.simple_value
+  return dict(series)

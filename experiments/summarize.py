@@ -19,6 +19,8 @@ import os
 import re
 import statistics
 
+from ddnn_jax import reporting
+
 RUN_NAME = re.compile(r'^(?P<group>.+)_s(?P<seed>\d+)$')
 DEPTH_NAMES = {(1, 1, 1): 'ResNet-8 (1,1,1)', (2, 2, 2): 'ResNet-14 (2,2,2)',
                (3, 3, 3): 'ResNet-20 (3,3,3)'}
@@ -31,19 +33,8 @@ def depth_name(depth) -> str:
 
 def read_curves(workdir: str) -> dict[str, list[tuple[int, float]]]:
   """Scalar series from the run's TensorBoard event files: tag -> [(step, value)]."""
-  import tensorflow as tf  # only needed here
-
-  series = collections.defaultdict(dict)
-  for path in sorted(glob.glob(os.path.join(workdir, 'events.out.tfevents.*'))):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.HasField('tensor'):
-          number = tf.make_ndarray(value.tensor)
-          if number.ndim == 0 and number.dtype.kind == 'f':
-            series[value.tag][event.step] = float(number)
-        elif value.HasField('simple_value'):
-          series[value.tag][event.step] = value.simple_value
-  return {tag: sorted(points.items()) for tag, points in series.items()}
+  return {tag: sorted(points.items())
+          for tag, points in reporting.read_scalars(workdir).items()}
 
 
 def load_run(workdir: str) -> dict | None:

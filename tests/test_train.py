@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from absl import flags
 
-from ddnn_jax import checkpointing, config_lib, evaluate, train
+from ddnn_jax import checkpointing, config_lib, evaluate, reporting, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, 'tests', 'train_worker.py')
@@ -30,15 +30,7 @@ def smoke_config(**overrides):
 
 def scalars(workdir, tag):
   """{step: value} of one scalar from the TensorBoard event files in workdir."""
-  import tensorflow as tf
-
-  values = {}
-  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
-    for event in tf.compat.v1.train.summary_iterator(path):
-      for value in event.summary.value:
-        if value.tag == tag:
-          values[event.step] = float(tf.make_ndarray(value.tensor))
-  return values
+  return reporting.read_scalars(workdir).get(tag, {})
 
 
 def params_of(workdir):
