@@ -218,6 +218,7 @@ def test_divergence_on_a_save_step_saves_nothing_and_names_the_step(tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config(num_epochs=0.1), workdir)  # saves step 4
   saved, _ = params_of(workdir)
+  os.remove(os.path.join(workdir, 'config.json'))  # else the workdir refuses the new rate
   # An infinite learning rate makes the parameters of step 5 non-finite; every
   # step is a save step, so the check must come before the save.
   with pytest.raises(train.NonFiniteLossError,
@@ -242,6 +243,7 @@ def test_the_skip_policy_keeps_the_state_of_non_finite_steps_and_counts_them(tmp
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config(num_epochs=0.1), workdir)  # saves step 4
   saved, _ = params_of(workdir)
+  os.remove(os.path.join(workdir, 'config.json'))  # else the workdir refuses the new rate
   train.train_and_evaluate(smoke_config(**{
       'optim.learning_rate': float('inf'), 'optim.schedule': 'constant',
       'skip_nonfinite_steps': True}), workdir)
