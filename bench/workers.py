@@ -183,7 +183,7 @@ def jax_train(args) -> None:
 
 def jax_eval(args) -> None:
   jax = import_jax('auto')  # the config's conv_impl
-  from ddnn_jax import evaluate, methods, models
+  from ddnn_jax import inference, methods, models
   from ddnn_jax import mesh as mesh_lib
   images, _ = synthetic_batch(args.batch)
   mesh = mesh_lib.create_mesh()
@@ -192,7 +192,7 @@ def jax_eval(args) -> None:
   variables = models.init_variables(model, jax.random.key(0), images[:1])
   x = mesh_lib.global_batch({'image': images}, mesh)['image']
   start = time.perf_counter()
-  forward = evaluate.make_forward(model, model.full_depth, mesh).lower(variables, x).compile()
+  forward = inference.make_forward(model, model.full_depth, mesh).lower(variables, x).compile()
   compile_s = time.perf_counter() - start
   with open(args.variables_out, 'wb') as f:
     pickle.dump({'variables': plain(variables), 'logits': np.asarray(forward(variables, x))}, f)
@@ -275,7 +275,7 @@ def fused(args) -> None:
 
 def subnet(args) -> None:
   jax = import_jax()
-  from ddnn_jax import evaluate, models
+  from ddnn_jax import inference, models
   from ddnn_jax import mesh as mesh_lib
   images, _ = synthetic_batch(args.batch)
   mesh = mesh_lib.create_mesh()
@@ -286,8 +286,8 @@ def subnet(args) -> None:
   variables = {'ddnn': models.init_variables(ddnn, jax.random.key(0), images[:1])}
   variables['standalone'] = models.extract_subnet(variables['ddnn'], SUBNET_DEPTH)
   forward = {
-      'ddnn': evaluate.make_forward(ddnn, SUBNET_DEPTH, mesh),
-      'standalone': evaluate.make_forward(alone, alone.full_depth, mesh)}
+      'ddnn': inference.make_forward(ddnn, SUBNET_DEPTH, mesh),
+      'standalone': inference.make_forward(alone, alone.full_depth, mesh)}
   forward = {k: f.lower(variables[k], x).compile() for k, f in forward.items()}
   logits = [np.asarray(f(variables[k], x)) for k, f in forward.items()]
   median = alternate({k: lambda k=k: forward[k](variables[k], x).block_until_ready()

@@ -31,7 +31,6 @@ line; `aot_report` judges the programs against the chips and formats them,
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import re
 import sys
@@ -43,38 +42,18 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ddnn_jax import (
-    aot_report,
-    batch_search,
-    evaluate,
-    experiment,
-    input_pipeline,
-    models,
-    train,
+  aot_report,
+  batch_search,
+  evaluate,
+  experiment,
+  inference,
+  input_pipeline,
+  models,
+  train,
 )
 from ddnn_jax import mesh as mesh_lib
+from ddnn_jax.aot_report import Options, Program
 from ddnn_jax.tpu_slices import GIB, AotError, Slice, parse_topology, topology_devices
-
-
-@dataclasses.dataclass
-class Program:
-  """One compiled program; bytes and FLOPs are per chip."""
-  name: str
-  batch_field: str  # the config field that sets its batch
-  batch_per_chip: int
-  argument: int = 0
-  output: int = 0
-  alias: int = 0  # outputs that reuse (donated) argument buffers
-  temp: int = 0
-  code: int = 0
-  flops: float = 0.0
-  bytes_accessed: float = 0.0  # HBM traffic XLA's cost model expects
-  compile_seconds: float = 0.0
-  error: str | None = None  # the compiler's reason when it did not compile
-
-  @property
-  def total(self) -> int:
-    return self.argument + self.output - self.alias + self.temp + self.code
-
 
 _OOM = re.compile(r'RESOURCE_EXHAUSTED|[Oo]ut of memory|exceeds? .*memory')
 
@@ -83,7 +62,7 @@ def _compile(name: str, batch_field: str, batch_per_chip: int, jitted, *args) ->
   start = time.perf_counter()
   try:
     compiled = jitted.lower(*args).compile()
-  except Exception as e:  # noqa: BLE001 -- XLA raises one type for every reason
+  except Exception as e:  # XLA raises one type for every reason
     message = str(e)
     if not _OOM.search(message):
       raise AotError(f'{name} does not compile: {message.strip().splitlines()[0][:300]}') from e
@@ -164,7 +143,7 @@ def compile_eval_programs(exp: experiment.Experiment) -> list[Program]:
   for depth in exp.depths:
     programs.append(_compile(f'forward {models.depth_tag(depth)}', 'eval_batch_size',
                              batch // mesh.size,
-                             evaluate.make_forward(model, depth, mesh), variables,
+                             inference.make_forward(model, depth, mesh), variables,
                              eval_batch['image']))
   return programs
 
@@ -178,28 +157,10 @@ def full_net_alone(config):
   return alone
 
 
-@dataclasses.dataclass(frozen=True)
-class Options:
-  """What to compile and how to judge it."""
-  # Fraction of peak bf16 FLOP/s the projection assumes. 0.3: MLPerf Training
-  # v1.0's ResNet-50 on TPU v4 (3,453 img/s per chip) at this codebase's 24.1
-  # GFLOP per training image is 30% of v4's 275 TFLOP/s (docs/SCALING.md).
-  utilization: float = 0.3
-  hbm_fraction: float = 1.0  # share of a chip's HBM a program may use
-  baseline: bool = True  # also the full net alone, for the method's relative cost
-  eval_programs: bool = True  # also the eval step and each depth's forward
-  max_batch: bool = False  # also search the largest per-chip train batch
-  train_examples: int | None = None  # per epoch; None: the dataset's known size
-
-  def check(self) -> None:
-    for name in ('utilization', 'hbm_fraction'):
-      if not 0 < getattr(self, name) <= 1:
-        raise AotError(f'--{name}={getattr(self, name)} must be in (0, 1]')
-
-
-def check_slice(config, slice_: Slice, options: Options = Options(),
+def check_slice(config, slice_: Slice, options: Options | None = None,
                 log=print) -> aot_report.SliceReport:
   """Compiles every program of `config` for `slice_` and reports on them."""
+  options = options or Options()
   classes = _num_classes(config)
   examples = options.train_examples or _train_examples(config)
   mesh = mesh_lib.create_mesh(topology_devices(slice_))
@@ -247,9 +208,10 @@ def _max_batch_per_chip(config, mesh, classes: int, examples: int, train_step: P
   return batch_search.find_max_batch(measure, capacity, config.batch_size // mesh.size)
 
 
-def run(config, topologies: Sequence[str], options: Options = Options(),
+def run(config, topologies: Sequence[str], options: Options | None = None,
         log=print) -> list[aot_report.SliceReport]:
   """Checks every topology (all names are checked before anything compiles)."""
+  options = options or Options()
   options.check()
   slices = [parse_topology(t) for t in topologies]
   reports = []

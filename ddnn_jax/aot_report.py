@@ -12,12 +12,48 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-from ddnn_jax.tpu_slices import GIB, Slice
+from ddnn_jax.tpu_slices import GIB, AotError, Slice
 
-if TYPE_CHECKING:  # aot imports this module
-  from ddnn_jax.aot import Options, Program
+
+@dataclasses.dataclass
+class Program:
+  """One compiled program; bytes and FLOPs are per chip."""
+  name: str
+  batch_field: str  # the config field that sets its batch
+  batch_per_chip: int
+  argument: int = 0
+  output: int = 0
+  alias: int = 0  # outputs that reuse (donated) argument buffers
+  temp: int = 0
+  code: int = 0
+  flops: float = 0.0
+  bytes_accessed: float = 0.0  # HBM traffic XLA's cost model expects
+  compile_seconds: float = 0.0
+  error: str | None = None  # the compiler's reason when it did not compile
+
+  @property
+  def total(self) -> int:
+    return self.argument + self.output - self.alias + self.temp + self.code
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What to compile and how to judge it."""
+  # Fraction of peak bf16 FLOP/s the projection assumes. 0.3: MLPerf Training
+  # v1.0's ResNet-50 on TPU v4 (3,453 img/s per chip) at this codebase's 24.1
+  # GFLOP per training image is 30% of v4's 275 TFLOP/s (docs/SCALING.md).
+  utilization: float = 0.3
+  hbm_fraction: float = 1.0  # share of a chip's HBM a program may use
+  baseline: bool = True  # also the full net alone, for the method's relative cost
+  eval_programs: bool = True  # also the eval step and each depth's forward
+  max_batch: bool = False  # also search the largest per-chip train batch
+  train_examples: int | None = None  # per epoch; None: the dataset's known size
+
+  def check(self) -> None:
+    for name in ('utilization', 'hbm_fraction'):
+      if not 0 < getattr(self, name) <= 1:
+        raise AotError(f'--{name}={getattr(self, name)} must be in (0, 1]')
 
 
 @dataclasses.dataclass

@@ -119,19 +119,12 @@ def evaluate_depths(model: models.DDNNResNet, variables, batches: Iterable[dict]
   return dict(sorted({'count': count, **means}.items()))  # in the order callers log them
 
 
-def make_forward(model: models.DDNNResNet, depth: models.Depth, mesh: jax.sharding.Mesh):
-  """Jitted inference of one depth: (variables, images) -> logits, batch-sharded."""
-  return jax.jit(lambda v, x: model.apply(v, x, depth),
-                 in_shardings=(mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)),
-                 out_shardings=mesh_lib.batch_sharding(mesh))
-
-
 def restore(workdir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
             step: int | None = None) -> tuple[methods_lib.Method, dict, int]:
   """(method, model variables, step) of the run's latest (or `step`)
   checkpoint, replicated on `mesh`. Only the variables are read (a checkpoint
   of the legacy one-item layout is read whole, optimizer state included)."""
-  from ddnn_jax import checkpointing, experiment, input_pipeline  # noqa: PLC0415
+  from ddnn_jax import checkpointing, experiment, input_pipeline
 
   info = input_pipeline.get_info(config.data)
   exp = experiment.build(config, mesh, experiment.DataSpec.from_info(info, config))
@@ -157,7 +150,7 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
   a `_bnrecal<N>` suffix so they do not replace the plain evaluation.
   """
   # Here: reporting imports this module, and the input pipeline loads TensorFlow.
-  from ddnn_jax import bn_calibration, input_pipeline, reporting  # noqa: PLC0415
+  from ddnn_jax import bn_calibration, input_pipeline, reporting
 
   mesh = mesh_lib.create_mesh()
   batch_size = batch_size or config.eval_batch_size

@@ -31,6 +31,9 @@ STAGE_SETS = ('all', 'last')
 
 @dataclasses.dataclass(frozen=True)
 class EKDConfig:
+  """The EKD loss's settings. The defaults are METHODS.md's EKD (the paper's),
+  for direct use of the loss; training builds every field from `config.ekd`, so
+  the project's defaults live in one place, configs/base.py."""
   alpha: float = 1.0  # weight of the KL term
   beta: float = 1.0  # weight of the attention term
   temperature: float = 3.0

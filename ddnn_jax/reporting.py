@@ -22,15 +22,18 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddnn_jax import costs, evaluate, models
+from ddnn_jax import costs, inference, models
 from ddnn_jax import mesh as mesh_lib
+
+# The per-depth metrics (evaluate.py computes them) in the order users read them.
+COLUMNS = ('top1', 'top5', 'loss', 'kl_to_full', 'agreement')
 
 
 def measure_throughput(model: models.DDNNResNet, variables, depth: models.Depth,
                        images: np.ndarray, mesh: jax.sharding.Mesh,
                        min_seconds: float = 1.0) -> float:
   """Images/s of the jitted inference forward of one depth on this machine."""
-  forward = evaluate.make_forward(model, depth, mesh)
+  forward = inference.make_forward(model, depth, mesh)
   images = mesh_lib.global_batch({'image': images}, mesh)['image']
   forward(variables, images).block_until_ready()  # compile and warm up
   runs, start = 0, time.perf_counter()
@@ -55,9 +58,9 @@ def format_table(rows: Sequence[dict]) -> str:
 
 def plot_accuracy_vs_flops(rows: Sequence[dict], path: str, title: str) -> None:
   """Top-1 against GFLOPs per image, one point per depth, saved to `path`."""
-  import matplotlib  # noqa: PLC0415 -- loaded only when a report is drawn
+  import matplotlib  # loaded only when a report is drawn
   matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  import matplotlib.pyplot as plt
 
   fig, ax = plt.subplots(figsize=(5, 3.5))
   gflops = [r['flops'] / 1e9 for r in rows]
@@ -91,7 +94,7 @@ def report(workdir: str, config: ml_collections.ConfigDict, model: models.DDNNRe
         'flops': costs.compiled_flops(model, variables, depth, image_size),
         'images_per_second': measure_throughput(model, variables, depth, sample_images,
                                                 mesh),
-        **{name: metrics[f'{tag}/{name}'] for name in evaluate.METRICS},
+        **{name: metrics[f'{tag}/{name}'] for name in COLUMNS},
     })
   result = {'workdir': workdir, 'step': step, 'split': label, 'root': root,
             'examples': int(metrics['count']), 'model': config.model.name,

@@ -192,8 +192,8 @@ def test_projection_and_method_cost(smoke_report):
 @pytest.mark.parametrize('topology', ['v4-8', 'v5e:2x2', 'v5p-8', 'v6e:2x2'])
 def test_usable_hbm_is_what_the_compiler_allows(topology):
   # A program far too big for any chip: the compiler names the HBM it allows.
-  import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
+  import jax
+  import jax.numpy as jnp
 
   slice_ = tpu_slices.parse_topology(topology)
   mesh = aot.mesh_lib.create_mesh(tpu_slices.topology_devices(slice_))

@@ -155,9 +155,9 @@ def test_finished_ddnn_runs_are_rescored_with_recalibrated_bn_once(tmp_path, mon
 
 
 def test_recalibrate_command_is_what_the_evaluate_cli_parses(tmp_path):
-  from absl import flags  # noqa: PLC0415
+  from absl import flags
 
-  from ddnn_jax import config_lib, evaluate, train  # noqa: PLC0415
+  from ddnn_jax import config_lib, evaluate, train
 
   train.save_config(config_lib.load(str(REPO / 'configs' / 'default.py')), str(tmp_path))
   cmd = driver.recalibrate_command(str(tmp_path), 20)
