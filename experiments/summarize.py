@@ -146,52 +146,70 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
     lines += ['', 'The same after re-estimating each depth\'s BatchNorm statistics '
               '(`--recalibrate_bn`, see below; `individual` nets as trained):', '']
     lines += _main_table(recal, costs, depths)
+  lines += _ablation_table(runs, summary, depths)
+  lines += _agreement_table(summary, depths)
+  lines += _recalibration_table(runs, depths)
+  lines += _time_table(runs)
+  return '\n'.join(lines) + '\n'
 
+
+def _ablation_table(runs: list[dict], summary: dict, depths: list) -> list[str]:
   ablations = [g for g in summary if g not in ('ekd', 'joint_ce', 'individual')]
-  if ablations:
-    groups = [g for g in ('ekd', 'joint_ce') if g in summary] + sorted(ablations)
-    lines += ['', 'Ablations (one seed each; `ekd` and `joint_ce` repeated for reference, '
-              'with their seed-0 value first):', '',
-              '| variant | ' + ' | '.join(depth_name(d) for d in depths) + ' |',
-              '|---|' + '---|' * len(depths)]
-    by_name = {r['name']: r for r in runs if 'eval' in r}
-    for g in groups:
-      cells = [g]
-      for depth in depths:
-        run = by_name.get(f'{g}_s0')
-        row = next((r for r in run['eval']['depths'] if tuple(r['depth']) == depth),
-                   None) if run else None
-        cells.append(f'{row["top1"] * 100:.2f}' if row else 'n/a')
-      lines.append('| ' + ' | '.join(cells) + ' |')
+  if not ablations:
+    return []
+  groups = [g for g in ('ekd', 'joint_ce') if g in summary] + sorted(ablations)
+  lines = ['', 'Ablations (one seed each; `ekd` and `joint_ce` repeated for reference, '
+           'with their seed-0 value first):', '',
+           '| variant | ' + ' | '.join(depth_name(d) for d in depths) + ' |',
+           '|---|' + '---|' * len(depths)]
+  by_name = {r['name']: r for r in runs if 'eval' in r}
+  for g in groups:
+    cells = [g]
+    for depth in depths:
+      run = by_name.get(f'{g}_s0')
+      row = next((r for r in run['eval']['depths'] if tuple(r['depth']) == depth),
+                 None) if run else None
+      cells.append(f'{row["top1"] * 100:.2f}' if row else 'n/a')
+    lines.append('| ' + ' | '.join(cells) + ' |')
+  return lines
 
-  lines += ['', 'Agreement with the full net and KL(full || depth) on validation '
-            '(seed means):', '',
-            '| method | depth | top-5 | agreement % | KL to full |', '|---|---|---|---|---|']
+
+def _agreement_table(summary: dict, depths: list) -> list[str]:
+  lines = ['', 'Agreement with the full net and KL(full || depth) on validation '
+           '(seed means):', '',
+           '| method | depth | top-5 | agreement % | KL to full |', '|---|---|---|---|---|']
   for g in [g for g in ('ekd', 'joint_ce') if g in summary]:
     for depth in depths:
       m = summary[g].get(depth)
       if m:
         lines.append(f'| {g} | {depth_name(depth)} | {m["top5"]["mean"] * 100:.2f} | '
                      f'{m["agreement"]["mean"] * 100:.2f} | {m["kl_to_full"]["mean"]:.4f} |')
+  return lines
 
+
+def _recalibration_table(runs: list[dict], depths: list) -> list[str]:
   recalibrated = [r for r in runs if 'recalibrated' in r]
-  if recalibrated:
-    batches = recalibrated[0]['recalibrated'].get('bn_recalibration_batches')
-    lines += ['', f'BatchNorm statistics re-estimated per depth on {batches} training '
-              'batches after training (`python -m ddnn_jax.evaluate --recalibrate_bn '
-              f'{batches}`), top-1 before → after:', '',
-              '| run | ' + ' | '.join(depth_name(d) for d in depths) + ' |',
-              '|---|' + '---|' * len(depths)]
-    for run in sorted(recalibrated, key=lambda r: r['name']):
-      before = {tuple(r['depth']): r['top1'] for r in run['eval']['depths']}
-      after = {tuple(r['depth']): r['top1'] for r in run['recalibrated']['depths']}
-      cells = [f'{before[d] * 100:.2f} → {after[d] * 100:.2f}' if d in after else 'n/a'
-               for d in depths]
-      lines.append(f'| {run["name"]} | ' + ' | '.join(cells) + ' |')
+  if not recalibrated:
+    return []
+  batches = recalibrated[0]['recalibrated'].get('bn_recalibration_batches')
+  lines = ['', f'BatchNorm statistics re-estimated per depth on {batches} training '
+           'batches after training (`python -m ddnn_jax.evaluate --recalibrate_bn '
+           f'{batches}`), top-1 before → after:', '',
+           '| run | ' + ' | '.join(depth_name(d) for d in depths) + ' |',
+           '|---|' + '---|' * len(depths)]
+  for run in sorted(recalibrated, key=lambda r: r['name']):
+    before = {tuple(r['depth']): r['top1'] for r in run['eval']['depths']}
+    after = {tuple(r['depth']): r['top1'] for r in run['recalibrated']['depths']}
+    cells = [f'{before[d] * 100:.2f} → {after[d] * 100:.2f}' if d in after else 'n/a'
+             for d in depths]
+    lines.append(f'| {run["name"]} | ' + ' | '.join(cells) + ' |')
+  return lines
 
-  lines += ['', 'Wall and CPU time per run on this machine (all attempts summed; CPU '
-            'time of the training processes, BN re-calibration not included):', '',
-            '| run | finished | wall minutes | CPU hours |', '|---|---|---|---|']
+
+def _time_table(runs: list[dict]) -> list[str]:
+  lines = ['', 'Wall and CPU time per run on this machine (all attempts summed; CPU '
+           'time of the training processes, BN re-calibration not included):', '',
+           '| run | finished | wall minutes | CPU hours |', '|---|---|---|---|']
   total = cpu_total = 0.0
   for run in sorted(runs, key=lambda r: r['name']):
     seconds, cpu = run.get('seconds', 0.0), run.get('cpu_seconds', 0.0)
@@ -200,7 +218,7 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
     lines.append(f'| {run["name"]} | {"yes" if run["done"] else "no"} | {seconds / 60:.1f} | '
                  f'{cpu / 3600:.2f} |')
   lines.append(f'| **total** | | **{total / 60:.1f}** | **{cpu_total / 3600:.2f}** |')
-  return '\n'.join(lines) + '\n'
+  return lines
 
 
 def plot_curves(runs: list[dict], results: str) -> list[str]:
