@@ -7,7 +7,10 @@ their shardings, so every array lands directly where the train step wants it.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
+import re
 import shutil
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -24,6 +27,15 @@ UNREADABLE_DIR = 'checkpoints_unreadable'  # where training sets damaged checkpo
 
 class UnreadableCheckpointError(RuntimeError):
   """A checkpoint exists but cannot be read (damaged files, another model)."""
+
+
+class ModelMismatchError(ValueError):
+  """A checkpoint holds variables of another model (other shapes or layers)."""
+
+
+class CheckpointWriteError(OSError):
+  """A checkpoint could not be written (a full disk, a lost mount); one line
+  naming the directory, the system's reason and what to do."""
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -44,11 +56,88 @@ def create_manager(workdir: str, *, keep: int = 3,
 VARIABLES_ITEM, TRAIN_ITEM, LEGACY_ITEM = 'variables', 'train', 'default'
 
 
+def saved_steps(directory: Any) -> list[int]:
+  """The finished steps in a checkpoint directory, listed without asking a
+  manager (which may be the thing that failed)."""
+  path = epath.Path(directory)
+  if not path.is_dir():
+    return []
+  return sorted(int(p.name) for p in path.iterdir() if p.name.isdigit())
+
+
+def write_failure(what: str, reason: str, code: int | None, directory: Any) -> str:
+  """One line for a failed write of `what` during training: the system's
+  `reason` (errno `code`, if known), what to do, and where a rerun resumes
+  from the checkpoints in `directory`."""
+  if code in (errno.ENOSPC, errno.EDQUOT) or 'No space left' in reason:
+    fix = 'free space on that disk or pass a --workdir on another one'
+  elif code in (errno.EROFS, errno.EACCES, errno.EPERM):
+    fix = 'make it writable or pass another --workdir'
+  else:
+    fix = 'check that disk or pass another --workdir'
+  steps = saved_steps(directory)
+  resume = (f'it resumes from step {steps[-1]}' if steps
+            else 'no checkpoint was saved, so it starts from step 0')
+  return f'could not write {what} ({reason}); {fix}, then rerun the same command: {resume}'
+
+
+def _system_error(error: Exception) -> tuple[int | None, str] | None:
+  """(errno, reason) of a failed write: an OSError, or TensorStore's ValueError
+  'RESOURCE_EXHAUSTED: Error writing local file ... [os_error_code='28']'.
+  None for any other error."""
+  if isinstance(error, OSError):
+    return error.errno, error.strerror or str(error).strip().splitlines()[-1]
+  code = re.search(r"os_error_code='(\d+)'", str(error))
+  if isinstance(error, ValueError) and code:
+    return int(code.group(1)), os.strerror(int(code.group(1)))
+  return None
+
+
+@contextlib.contextmanager
+def _writing(manager: ocp.CheckpointManager):
+  """Turns a failed write of a (background) save into a CheckpointWriteError."""
+  try:
+    yield
+  except (OSError, ValueError) as e:
+    failure = None if isinstance(e, CheckpointWriteError) else _system_error(e)
+    if failure is None:
+      raise
+    raise CheckpointWriteError(write_failure(
+        f'a checkpoint to {manager.directory}', failure[1], failure[0],
+        manager.directory)) from e
+
+
 def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
-  manager.save(step, args=ocp.args.Composite(**{
-      VARIABLES_ITEM: ocp.args.StandardSave(state.variables),
-      TRAIN_ITEM: ocp.args.StandardSave({'step': state.step, 'opt_state': state.opt_state}),
-  }))
+  """Starts saving `state` as `step` (in the background); an earlier save
+  that failed raises CheckpointWriteError here."""
+  with _writing(manager):
+    manager.save(step, args=ocp.args.Composite(**{
+        VARIABLES_ITEM: ocp.args.StandardSave(state.variables),
+        TRAIN_ITEM: ocp.args.StandardSave({'step': state.step,
+                                           'opt_state': state.opt_state}),
+    }))
+
+
+def wait(manager: ocp.CheckpointManager) -> None:
+  """Waits for the background saves; one that failed raises CheckpointWriteError."""
+  with _writing(manager):
+    manager.wait_until_finished()
+
+
+def finish(manager: ocp.CheckpointManager, *, quiet: bool = False) -> None:
+  """Waits for the background saves and closes `manager`; a save that failed
+  raises CheckpointWriteError (`quiet`: another error is already on its way,
+  so the save's failure only goes to the log)."""
+  try:
+    wait(manager)
+  except CheckpointWriteError as e:
+    with contextlib.suppress(Exception):  # closing waits again, and fails again
+      manager.close()
+    if not quiet:
+      raise
+    logging.error('%s', e)
+    return
+  manager.close()
 
 
 def _legacy_path(manager: ocp.CheckpointManager, step: int) -> epath.Path | None:
@@ -67,6 +156,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
   legacy = _legacy_path(manager, step)
   if legacy is not None:
     return ocp.StandardCheckpointer().restore(legacy, abstract_state)
+  check_same_model(manager, step, abstract_state.variables)
   restored = manager.restore(step, args=ocp.args.Composite(**{
       VARIABLES_ITEM: ocp.args.StandardRestore(abstract_state.variables),
       TRAIN_ITEM: ocp.args.StandardRestore(
@@ -76,6 +166,37 @@ def restore(manager: ocp.CheckpointManager, abstract_state: Any,
   return abstract_state.replace(step=train['step'], opt_state=train['opt_state'],
                                 params=variables['params'],
                                 batch_stats=variables['batch_stats'])
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'params/stage1_block0/conv1/kernel' -> shape, of every array of `tree`."""
+  return {'/'.join(str(getattr(k, 'key', k)) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_same_model(manager: ocp.CheckpointManager, step: int,
+                     abstract_variables: Any) -> None:
+  """Raises ModelMismatchError naming the first array whose name or shape
+  differs between checkpoint `step` and `abstract_variables`. Reads the
+  metadata only: a restore of another model's arrays fails midway, with
+  TensorStore's reads still in flight (and printing) after the error.
+  Metadata that does not read leaves the verdict to the restore."""
+  path = epath.Path(manager.directory) / str(step) / VARIABLES_ITEM
+  try:
+    saved = _shapes(ocp.StandardCheckpointHandler().metadata(path))
+  except Exception:  # noqa: BLE001 -- damaged metadata: the restore says what it can
+    return
+  wanted = _shapes(abstract_variables)
+  for name in sorted(saved.keys() | wanted.keys()):
+    if name not in wanted:
+      difference = f'{name} is only in the checkpoint'
+    elif name not in saved:
+      difference = f'{name} is missing from it'
+    elif saved[name] != wanted[name]:
+      difference = f'{name} has shape {saved[name]} there but {wanted[name]} here'
+    else:
+      continue
+    raise ModelMismatchError(f'checkpoint step {step} holds another model: {difference}')
 
 
 def restore_variables(manager: ocp.CheckpointManager, abstract_variables: Any,
@@ -132,7 +253,8 @@ def resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
 
 def _reason(error: Exception) -> str:
   lines = str(error).strip().splitlines() or ['']
-  return f'{type(error).__name__}: {lines[0][:200]}'
+  first = lines[0].split(' See full TensorStore details')[0]  # a dump of its spec follows
+  return f'{type(error).__name__}: {first[:200]}'
 
 
 def restore_readable(manager: ocp.CheckpointManager, read: Callable[[int], T],
@@ -155,7 +277,7 @@ def restore_readable(manager: ocp.CheckpointManager, read: Callable[[int], T],
       raise UnreadableCheckpointError(
           f'checkpoint step {step} in {manager.directory} is unreadable ({_reason(e)}); '
           f'readable steps: {readable or "none"}') from e
-  unreadable = []
+  unreadable, errors = [], []
   for candidate in sorted(manager.all_steps(), reverse=True):
     try:
       return read(candidate), candidate, unreadable
@@ -163,6 +285,11 @@ def restore_readable(manager: ocp.CheckpointManager, read: Callable[[int], T],
       logging.warning('checkpoint step %d in %s is unreadable (%s); trying the one before',
                       candidate, manager.directory, _reason(e))
       unreadable.append(candidate)
+      errors.append(e)
+  if errors and all(isinstance(e, ModelMismatchError) for e in errors):
+    raise UnreadableCheckpointError(
+        f'the checkpoints in {manager.directory} hold another model ({errors[0]}); train '
+        'this config in a new --workdir, or resume with the config that trained them')
   raise UnreadableCheckpointError(
       f'no checkpoint in {manager.directory} is readable (steps {unreadable}); move them '
       'aside or pass another --workdir to start again')

@@ -38,13 +38,19 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from ddnn_jax.datasets import sources
-from ddnn_jax.datasets.sources import DATASETS, DatasetInfo, get_info, num_classes
+from ddnn_jax.datasets import image_folder, sources
+from ddnn_jax.datasets.sources import (
+  DATASETS,
+  DatasetInfo,
+  get_info,
+  num_classes,
+  read_ahead,
+)
 from ddnn_jax.preprocessing import AUGMENTATIONS, as_numpy_batches, preprocess
 
 __all__ = ['AUGMENTATIONS', 'DATASETS', 'DatasetInfo', 'batch_spec', 'eval_batches',
-           'get_info', 'hide_accelerators_from_tf', 'num_classes', 'steps_per_epoch',
-           'train_batches']
+           'get_info', 'hide_accelerators_from_tf', 'num_classes', 'read_ahead',
+           'steps_per_epoch', 'train_batches']
 
 
 def hide_accelerators_from_tf() -> None:
@@ -114,13 +120,27 @@ def _indexed_examples(source: sources.Split, data: ml_collections.ConfigDict, tr
     if source.paths is None:
       image = tf.gather(table, index)
     else:  # read only the files of this process's rows
-      image = tf.io.decode_image(tf.io.read_file(tf.gather(table, index)), channels=3,
-                                 expand_animations=False)
+      image = image_folder.decode(tf.gather(table, index))
     op_seed = tf.stack([tf.constant(seed, tf.int64), epoch * num_examples + index])
     return {'image': preprocess(image, data, train, op_seed),
             'label': tf.gather(labels, index)}
 
   return example
+
+
+def _naming_bad_images(batches: Iterator[dict], source: sources.Split) -> Iterator[dict]:
+  """`batches`, where an image file that does not decode raises ValueError
+  naming it (files are read lazily, so this surfaces while training)."""
+  if source.paths is None:
+    return batches
+
+  def named() -> Iterator[dict]:
+    try:
+      yield from batches
+    except tf.errors.InvalidArgumentError as e:
+      raise image_folder.undecodable_image_error(source.paths, e) from None
+
+  return named()
 
 
 def _epoch_rows(num_examples: int, global_batch_size: int, seed: int, start_step: int,
@@ -154,7 +174,7 @@ def train_batches(data: ml_collections.ConfigDict, *, global_batch_size: int, se
       output_signature=(spec, spec))
   ds = ds.unbatch().map(_indexed_examples(source, data, True, seed),
                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return as_numpy_batches(ds, data, local)
+  return _naming_bad_images(as_numpy_batches(ds, data, local), source)
 
 
 def eval_batches(data: ml_collections.ConfigDict, *, split: str | None = None,
@@ -180,7 +200,7 @@ def eval_batches(data: ml_collections.ConfigDict, *, split: str | None = None,
   ds = tf.data.Dataset.from_tensor_slices((np.where(mask, positions, 0), mask))
   ds = ds.map(lambda i, m: {**example(i, tf.constant(0, tf.int64)), 'mask': m},
               num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return as_numpy_batches(ds, data, local)
+  return _naming_bad_images(as_numpy_batches(ds, data, local), source)
 
 
 # ---------------------------------------------------------------- streaming path

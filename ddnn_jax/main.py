@@ -2,16 +2,32 @@
 
 Any config field can be overridden: --config.num_epochs=5 --config.model.bn_mode=private_stats,
 or in the config argument: --config configs/default.py:smoke,seed=3 (configs/base.py).
+
+Bad input (a config, dataset or workdir no run can use) is refused before
+anything is written: one line `error: ...` on stderr and exit status 2; a run
+that fails (diverges, cannot save) exits 1. --verbose shows the traceback
+instead. docs/BAD_INPUT.md lists every case and its message.
 """
 
+import errno
+import gc
+import importlib.util
 import logging as std_logging
 import os
+import re
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow's C++ INFO lines (the CPU-feature notice) say nothing a user acts
+# on; its warnings and errors stay (TF_CPP_MIN_LOG_LEVEL=0 brings them back).
+# Set before anything imports TensorFlow (ml_collections' config_flags does).
+# The oneDNN notice goes out before TF reads this, and stays.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
-from ddnn_jax import runtime
+from absl import app, flags, logging  # noqa: E402
+from flax import traverse_util  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from ddnn_jax import runtime  # noqa: E402
 
 runtime.configure_xla_flags()
 
@@ -36,6 +52,10 @@ flags.DEFINE_integer(
     'heartbeat_timeout_s', 30,
     'Several processes: seconds without a heartbeat after which the others treat a '
     'process as dead and stop with an error instead of waiting for it (JAX: 100).')
+flags.DEFINE_bool(
+    'verbose', False,
+    'On bad input or a failed run, raise the error with its traceback (and keep the '
+    "libraries' tracebacks in the log) instead of printing one line `error: ...`.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -56,11 +76,81 @@ def initialize_distributed() -> None:
     jax.distributed.initialize(heartbeat_timeout_seconds=FLAGS.heartbeat_timeout_s)
 
 
-class _QuietCheckpointLogs(std_logging.Filter):
-  """Orbax narrates every save at INFO; keep its warnings and errors only."""
+class _QuietLibraryLogs(std_logging.Filter):
+  """Orbax narrates every save at INFO: keep its warnings and errors only. And
+  Orbax's and clu's errors (a failed checkpoint or event-file write) lose
+  their traceback unless --verbose: the failure reaches the user as one line."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
-    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+    orbax = '/orbax/' in record.pathname
+    if orbax and record.levelno < std_logging.WARNING:
+      return False
+    if (orbax or '/clu/' in record.pathname) and not FLAGS.verbose:
+      record.exc_info, record.exc_text = None, None
+    return True
+
+
+def _verbose(argv: list[str]) -> bool:
+  """--verbose as given on the command line, for errors before FLAGS hold it."""
+  return any(a in ('--verbose', '--verbose=true', '--verbose=True', '--verbose=1')
+             for a in argv)
+
+
+def _config_arg(argv: list[str]) -> str | None:
+  """The --config argument as given (`file.py:ARG`), or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _fields_named(name: str, argv: list[str]) -> list[str]:
+  """The dotted fields of the --config file's config whose last part is `name`
+  (the field a misplaced override meant), or [] when that cannot be told."""
+  file_arg = _config_arg(argv)
+  if not name or not file_arg:
+    return []
+  path, _, arg = file_arg.partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('_ddnn_config', path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # noqa: BLE001 -- only a hint: without it the message stands
+    return []
+  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+  return sorted(f for f in flat if f.split('.')[-1] == name)
+
+
+def _flag_error(error: Exception, argv: list[str]) -> str | None:
+  """The one-line message of a bad flag or --config, or None for another error."""
+  if isinstance(error, flags.Error):
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    required = re.search(r'Flag (--\w+) must have a value other than None', str(error))
+    if required:
+      flag = required.group(1)
+      example = {'--config': 'configs/default.py', '--workdir': 'DIR'}.get(flag, 'VALUE')
+      return f'{flag} is required; pass e.g. {flag}={example}'
+    if any(line.startswith('Traceback') for line in lines):  # the config file raised
+      return f'could not load the config {_config_arg(argv)}: {lines[-1]}'
+    return ' '.join(lines)
+  if isinstance(error, OSError):  # the config file could not be loaded
+    detail = str(error).strip().splitlines()[-1].strip()
+    return (f'could not load the --config file: {detail}; pass one of configs/*.py, '
+            'e.g. --config configs/default.py')
+  if isinstance(error, (AttributeError, KeyError, TypeError, ValueError)):
+    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+    quoted = re.search(r"""["']([^"']+)["']""", str(error))
+    name = quoted.group(1) if quoted else ''
+    culprits = [o for o in overrides if name in o.split('.')] or overrides
+    known = [f'--config.{f}' for f in _fields_named(name, argv)]
+    fix = f'did you mean {" or ".join(known)}? ' if known else ''
+    return (f'unknown config field {", ".join(culprits) or error}: {fix}every field '
+            'and its type is in configs/base.py')
+  return None
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -70,24 +160,89 @@ def parse_flags(argv: list[str]) -> list[str]:
     rest = FLAGS(argv)
     FLAGS.config.get('method')  # a config file that failed to load raises here
     return rest
-  except flags.Error as e:
-    message = str(e)
-  except OSError as e:  # the config file could not be loaded
-    detail = str(e).strip().splitlines()[-1].strip()
-    message = (f'could not load the --config file: {detail}; pass one of configs/*.py, '
-               'e.g. --config configs/default.py')
-  except (AttributeError, KeyError, TypeError, ValueError) as e:
-    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-    message = (f'bad config override {e} among {overrides}: every field and its type is '
-               'in configs/base.py (e.g. --config.optim.learning_rate, not '
-               '--config.learning_rate)')
+  except Exception as e:  # noqa: BLE001 -- _flag_error picks the ones it words
+    message = None if _verbose(argv) else _flag_error(e, argv)
+    if message is None:
+      raise
   print(f'error: {message}', file=sys.stderr)
   sys.exit(2)
 
 
+# What to do about a system's OSError that reached main (the workdir checks and
+# the writes of checkpoints and event files word theirs already).
+_OS_ERROR_FIXES = {
+    errno.ENOSPC: 'free space on that disk or pass a --workdir on another one, then '
+                  'rerun the same command',
+    errno.EDQUOT: 'free space in your quota or pass a --workdir on another disk, then '
+                  'rerun the same command',
+    errno.EACCES: 'make it readable/writable or pass another path',
+    errno.EPERM: 'make it readable/writable or pass another path',
+    errno.EROFS: 'pass a --workdir on a writable file system',
+}
+
+
+def _one_line(error: Exception) -> str:
+  """`error` as one line: its own words, or an OSError's reason, path and fix."""
+  if isinstance(error, OSError) and error.errno is not None and error.strerror:
+    where = error.filename or f'while running in --workdir {FLAGS.workdir}'
+    fix = _OS_ERROR_FIXES.get(error.errno, 'check that path and rerun')
+    return f'{error.strerror} ({where}); {fix}'
+  return ' '.join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def _quiet_failed_restores(previous):
+  """A sys.unraisablehook that drops the leftovers of a failed restore. When a
+  damaged checkpoint does not read (training falls back to an older one, or
+  stops with one line), Orbax abandons its pending reads, and Python would
+  print each of their coroutines, and each TensorStore callback into Orbax's
+  closed event loop, as an 'Exception ignored' traceback, some after the
+  error line. Anything else goes to `previous`."""
+
+  def hook(unraisable) -> None:
+    code = getattr(unraisable.object, 'cr_code', None)  # a coroutine's
+    error = unraisable.exc_value
+    if ((code is not None and '/orbax/' in code.co_filename)
+        or (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed')):
+      return
+    previous(unraisable)
+
+  return hook
+
+
+def _train() -> tuple[int, str] | None:
+  """Trains; an error the user can act on -> (exit status, its one line).
+  Returning (rather than exiting in the handler) drops the error's traceback,
+  and with it the frames holding tf.data iterators, while Python still runs:
+  TensorFlow then has nothing to complain about at interpreter exit."""
+  try:
+    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except (ValueError, FileNotFoundError, train.WorkdirError,
+          checkpointing.UnreadableCheckpointError) as e:
+    if FLAGS.verbose:
+      raise
+    return 2, _one_line(e)  # the input is wrong: as a bad flag
+  except (train.NonFiniteLossError, OSError) as e:
+    if FLAGS.verbose:
+      raise
+    return 1, _one_line(e)  # the run failed
+  except jax.errors.JaxRuntimeError as e:
+    if jax.process_count() == 1 or FLAGS.verbose:
+      raise
+    # Another process died: say so in one line and leave at once, since JAX's
+    # exit handlers would wait for it at the shutdown barrier, then abort.
+    first = str(e).strip().splitlines()[0][:300]
+    print(f'error: process {jax.process_index()} lost the other processes of this run '
+          f'(one stopped or crashed; see its log): {first}. The checkpoints are kept: '
+          'restart every process to resume.', file=sys.stderr, flush=True)
+    os._exit(1)
+  return None
+
+
 def main(argv):
   del argv
-  logging.get_absl_handler().addFilter(_QuietCheckpointLogs())
+  logging.get_absl_handler().addFilter(_QuietLibraryLogs())
+  if not FLAGS.verbose:
+    sys.unraisablehook = _quiet_failed_restores(sys.unraisablehook)
   input_pipeline.hide_accelerators_from_tf()  # before TF starts
   one_xla_thread = runtime.configure_cpu_process(  # before JAX starts its threads
       FLAGS.config.model.get('conv_impl', 'xla'), FLAGS.keep_freed_host_memory)
@@ -101,24 +256,12 @@ def main(argv):
     if jax.device_count() != 1 or not onednn_conv.available():
       logging.warning('XLA:CPU was given one thread for oneDNN convolutions, but XLA runs '
                       'them here; set NPROC to the number of cores to undo that')
-  try:
-    train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, checkpointing.UnreadableCheckpointError) as e:
-    print(f'error: {e}', file=sys.stderr)  # the input is wrong: as a bad flag
-    sys.exit(2)
-  except train.NonFiniteLossError as e:
-    print(f'error: {e}', file=sys.stderr)  # the run failed
-    sys.exit(1)
-  except jax.errors.JaxRuntimeError as e:
-    if jax.process_count() == 1:
-      raise
-    # Another process died: say so in one line and leave at once, since JAX's
-    # exit handlers would wait for it at the shutdown barrier, then abort.
-    first = str(e).strip().splitlines()[0][:300]
-    print(f'error: process {jax.process_index()} lost the other processes of this run '
-          f'(one stopped or crashed; see its log): {first}. The checkpoints are kept: '
-          'restart every process to resume.', file=sys.stderr, flush=True)
-    os._exit(1)
+  failure = _train()
+  if failure is not None:
+    code, message = failure
+    gc.collect()  # iterators left in reference cycles go now, not at exit
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(code)
 
 
 if __name__ == '__main__':

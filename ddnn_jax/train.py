@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import time
 
 import jax
@@ -11,13 +14,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import asynclib, metric_writers, periodic_actions
 from etils import epath
 from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from ddnn_jax import (
   checkpointing,
+  config_checks,
   evaluate,
   experiment,
   input_pipeline,
@@ -31,6 +35,25 @@ from ddnn_jax.train_state import TrainState
 
 class NonFiniteLossError(RuntimeError):
   pass
+
+
+class WorkdirError(OSError):
+  """The workdir cannot hold a run: a file in the way, or no permission to write."""
+
+
+class EventWriteError(OSError):
+  """The TensorBoard event files could not be written (a full disk)."""
+
+
+def _event_write_error(error: asynclib.AsyncError, workdir: str) -> EventWriteError:
+  """clu's writer thread failed (TF reports a full disk as ResourceExhaustedError
+  '{{op}} PATH; No space left on device'): one line with the reason."""
+  cause = error.__cause__ or error
+  first = (str(cause).strip().splitlines() or [''])[0]
+  reason = re.sub(r'\{\{[^}]*\}\}\s*', '', first).split('; ')[-1]
+  return EventWriteError(checkpointing.write_failure(
+      f'the event log in {workdir}', reason, getattr(cause, 'errno', None),
+      checkpointing.checkpoint_dir(workdir)))
 
 
 def make_train_step(exp: experiment.Experiment):
@@ -112,7 +135,7 @@ def _check_finite(history: list[tuple[int, dict]], config: ml_collections.Config
   values = jax.device_get(metrics)
   terms = [k.removeprefix('train/') for k, v in values.items()
            if k != 'train/nonfinite' and not np.isfinite(v).all()]
-  manager.wait_until_finished()
+  checkpointing.wait(manager)
   latest = manager.latest_step()
   resume = (f'the rerun resumes from checkpoint step {latest}' if latest is not None
             else 'no checkpoint exists, so the rerun starts from step 0')
@@ -124,9 +147,12 @@ def _check_finite(history: list[tuple[int, dict]], config: ml_collections.Config
 
 
 def _dataset_info(data: ml_collections.ConfigDict) -> input_pipeline.DatasetInfo:
-  """Process 0 prepares the dataset (or extracts the tar) before the others look."""
+  """Process 0 prepares the dataset (extracts the tar, decodes an image folder
+  once) before the others look; a bad dataset raises here, before the
+  trainer writes anything."""
   if jax.process_index() == 0:
     info = input_pipeline.get_info(data)
+    input_pipeline.read_ahead(data)
   multihost_utils.sync_global_devices('ddnn_jax: dataset ready')
   return info if jax.process_index() == 0 else input_pipeline.get_info(data)
 
@@ -164,6 +190,27 @@ def check_config(config: ml_collections.ConfigDict, workdir: str) -> None:
                  ', '.join(f'{k} {old[k]!r} -> {new[k]!r}' for k in changed))
 
 
+def check_workdir(workdir: str) -> None:
+  """Raises WorkdirError naming the path in the way when `workdir` cannot be
+  created or written: part of it is a file, or this process may not write
+  there (a read-only file system, permissions). Remote paths (gs://...) are
+  left to their first write."""
+  if '://' in workdir:
+    return
+  path = os.path.abspath(workdir)
+  existing = path
+  while not os.path.exists(existing):  # the deepest part that exists
+    existing = os.path.dirname(existing)
+  where = f'--workdir {workdir}' + ('' if existing == path else f': {existing}')
+  if not os.path.isdir(existing):
+    raise WorkdirError(f'{where} is a file ({os.strerror(errno.ENOTDIR)}); pass a '
+                       'directory, or a path that does not exist yet')
+  if not os.access(existing, os.W_OK | os.X_OK):
+    code = errno.EROFS if os.statvfs(existing).f_flag & os.ST_RDONLY else errno.EACCES
+    raise WorkdirError(f'{where} is not writable ({os.strerror(code)}); make it '
+                       'writable or pass another --workdir')
+
+
 def save_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes config.json (after check_config has accepted `config`)."""
   if jax.process_index() == 0:
@@ -184,15 +231,18 @@ def _build(config: ml_collections.ConfigDict) -> experiment.Experiment:
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns
   the final evaluation metrics."""
-  check_config(config, workdir)  # before anything is written
+  # Everything that can be refused is refused before anything is written.
+  config_checks.validate(config)
+  check_workdir(workdir)
+  check_config(config, workdir)
   exp = _build(config)
   mesh = exp.mesh
-  save_config(config, workdir)
   manager = checkpointing.create_manager(workdir, keep=config.keep_checkpoints)
   if manager.latest_step() is not None:
     state, manager = _resume(workdir, manager, exp)
   else:
     state = exp.init_state()
+  save_config(config, workdir)  # the workdir's checkpoints, if any, fit the config
   train_step, eval_step = _compile_steps(exp, state)
   writer = metric_writers.create_default_writer(
       workdir, just_logging=jax.process_index() > 0)
@@ -209,9 +259,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     with metric_writers.ensure_flushes(writer), preemption.Preemption() as preempt:
       state, eval_metrics = _train_loop(exp, state, train_step, manager, writer,
                                         evaluate_and_log, preempt)
-  finally:  # no save left half-written, whatever stopped the loop
-    manager.wait_until_finished()
-    manager.close()
+  except BaseException as e:
+    # No save left half-written, whatever stopped the loop. When the event
+    # files failed, a failed save (the same disk) is the error to report.
+    writer_failed = isinstance(e, asynclib.AsyncError)
+    checkpointing.finish(manager, quiet=not writer_failed)
+    if writer_failed:
+      raise _event_write_error(e, workdir) from e
+    raise
+  checkpointing.finish(manager)
   if preempt.signal_name is not None:
     logging.warning('%s: saved step %d and stopped; rerun the same command to resume',
                     preempt.signal_name, int(state.step))

@@ -1,6 +1,7 @@
 """Checkpoint layout: variables and training state as two items; the legacy
 one-item layout still restores."""
 
+import errno
 import os
 
 import jax
@@ -123,5 +124,33 @@ def test_a_checkpoint_of_another_model_is_unreadable_not_a_traceback(tmp_path):
   checkpointing.save(manager, 1, _state(1, 1.0))
   other = _abstract(_state(0, 0.0)).replace(
       params={'dense': {'kernel': jax.ShapeDtypeStruct((5, 2), jnp.float32)}})
-  with pytest.raises(checkpointing.UnreadableCheckpointError, match='no checkpoint .* is readable'):
+  # Named from the metadata, before any array is read.
+  with pytest.raises(checkpointing.UnreadableCheckpointError,
+                     match=r'hold another model \(checkpoint step 1 holds another model: '
+                           r'params/dense/kernel has shape \(3, 2\) there but \(5, 2\) here'):
     checkpointing.restore_readable(manager, lambda s: checkpointing.restore(manager, other, s))
+
+
+@pytest.mark.parametrize('error', [
+    OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),  # Orbax's own files
+    ValueError('RESOURCE_EXHAUSTED: Error writing local file "x/_sharding": Failed to '
+               "write 16820 bytes to file 5: No space left on device [os_error_code='28']"),
+])
+def test_a_failed_save_is_one_line_naming_the_directory_and_the_resume(
+    tmp_path, monkeypatch, error):
+  manager = checkpointing.create_manager(str(tmp_path), async_save=False)
+  checkpointing.save(manager, 1, _state(1, 1.0))
+
+  def failing_with(error):
+    def save(*args, **kwargs):
+      raise error
+    return save
+
+  monkeypatch.setattr(manager, 'save', failing_with(error))
+  with pytest.raises(checkpointing.CheckpointWriteError,
+                     match=r'could not write a checkpoint to .*checkpoints \(No space left on '
+                           r'device\); free space .* it resumes from step 1$'):
+    checkpointing.save(manager, 2, _state(2, 2.0))
+  monkeypatch.setattr(manager, 'save', failing_with(ValueError('not a failed write')))
+  with pytest.raises(ValueError, match='not a failed write'):  # raised as it was
+    checkpointing.save(manager, 2, _state(2, 2.0))

@@ -400,33 +400,5 @@ def test_when_one_process_dies_the_other_exits_with_an_error_within_a_minute(tmp
           or 'JAX distributed service detected fatal errors' in out), out[-3000:]
 
 
-@pytest.mark.parametrize('override,message', [
-    ('--config.model.name=resnet19', "unknown model 'resnet19'"),
-    ('--config.method=distill', "unknown method 'distill'"),
-    ('--config.depths=((1,1,1),(4,1,1))', 'stage 1 has 4 blocks; allowed 1..3'),
-    ('--config.model.bn_mode=private', "unknown bn_mode 'private'"),
-    ('--config.batch_size=3000', 'exceeds the 1437 training examples'),
-    ('--config.ekd.attention=at_p3', "unknown attention 'at_p3'"),
-    # Flag parsing: an unknown or misplaced field, a value of the wrong type.
-    ('--config.learning_rate=0.1', 'not --config.learning_rate'),
-    ('--config.optim.learning_rate=abc', "could not convert string to float: 'abc'"),
-])
-def test_bad_config_is_one_line_error_and_nonzero_exit(tmp_path, override, message):
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  result = subprocess.run([sys.executable, WORKER, SMOKE, str(tmp_path), override],
-                          capture_output=True, text=True, env=env, timeout=300)
-  assert result.returncode != 0
-  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
-  assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
-  assert 'Traceback' not in result.stderr
-  assert not glob.glob(os.path.join(tmp_path, 'checkpoints', '*'))
-
-
-def test_missing_config_file_is_one_line_error(tmp_path):
-  result = subprocess.run([sys.executable, WORKER, 'configs/nope.py', str(tmp_path)],
-                          capture_output=True, text=True, timeout=300)
-  assert result.returncode == 2
-  errors = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
-  assert len(errors) == 1, result.stderr[-2000:]
-  assert "No such file or directory: 'configs/nope.py'" in errors[0]
-  assert 'Traceback' not in result.stderr
+# Bad configs, data and workdirs (one-line errors, exit status, untouched
+# workdir): tests/test_bad_input.py, which runs every case of docs/BAD_INPUT.md.

@@ -130,6 +130,17 @@ def in_memory_split(data: ml_collections.ConfigDict, split: str,
   return _tfds_split(data.name, data.data_dir, split)
 
 
+def read_ahead(data: ml_collections.ConfigDict) -> None:
+  """Reads now what training reads later and may fail on: with `decode_once`,
+  every image of an image folder's training and evaluation splits (decoded
+  into the cache, so the pipeline loads them later); a corrupt file raises
+  ValueError naming it. TFDS datasets: nothing (TFDS checked them when it
+  prepared them)."""
+  if data.name == 'image_folder' and data.get('decode_once', False):
+    for split in dict.fromkeys((data.train_split, data.eval_split)):
+      in_memory_split(data, split)
+
+
 def get_info(data: ml_collections.ConfigDict, root: str | None = None) -> DatasetInfo:
   """Classes, image size and split sizes (of `root` instead, for image_folder)."""
   check_name(data.name)
