@@ -77,15 +77,21 @@ def initialize_distributed() -> None:
 
 
 class _QuietLibraryLogs(std_logging.Filter):
-  """Orbax narrates every save at INFO: keep its warnings and errors only. And
-  Orbax's and clu's errors (a failed checkpoint or event-file write) lose
-  their traceback unless --verbose: the failure reaches the user as one line."""
+  """Orbax narrates every save at INFO: keep its warnings and errors only.
+  Unless --verbose, a failed checkpoint or event-file write reaches the user
+  as one line, so Orbax's and clu's errors lose their traceback, and asyncio's
+  'exception was never retrieved' of the abandoned parts of a failed save
+  (logged whenever they are collected, even after the error line) goes."""
 
   def filter(self, record: std_logging.LogRecord) -> bool:
     orbax = '/orbax/' in record.pathname
     if orbax and record.levelno < std_logging.WARNING:
       return False
-    if (orbax or '/clu/' in record.pathname) and not FLAGS.verbose:
+    if FLAGS.verbose:
+      return True
+    if record.name == 'asyncio' and 'exception was never retrieved' in str(record.msg):
+      return False
+    if orbax or '/clu/' in record.pathname:
       record.exc_info, record.exc_text = None, None
     return True
 

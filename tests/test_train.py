@@ -214,18 +214,24 @@ def test_resume_continues_schedule_and_data_order(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, full, resumed)
 
 
+INF32 = 1e39  # a finite learning rate in the config, inf in float32 on the device
+overflows = pytest.mark.filterwarnings('ignore:overflow encountered in cast:RuntimeWarning')
+
+
+@overflows
 def test_divergence_on_a_save_step_saves_nothing_and_names_the_step(tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config(num_epochs=0.1), workdir)  # saves step 4
   saved, _ = params_of(workdir)
-  os.remove(os.path.join(workdir, 'config.json'))  # else the workdir refuses the new rate
-  # An infinite learning rate makes the parameters of step 5 non-finite; every
-  # step is a save step, so the check must come before the save.
+  os.remove(os.path.join(workdir, 'config.json'))  # else it refuses the new optimizer
+  # A learning rate beyond float32's range (inf on the device; the config
+  # checks refuse a non-finite one) makes the parameters of step 5 non-finite;
+  # every step is a save step, so the check must come before the save.
   with pytest.raises(train.NonFiniteLossError,
                      match=r'diverged at step 5: non-finite .*param_norm.*'
                            r'resumes from checkpoint step 4'):
     train.train_and_evaluate(smoke_config(**{
-        'optim.learning_rate': float('inf'), 'optim.schedule': 'constant',
+        'optim.learning_rate': INF32, 'optim.schedule': 'constant',
         'checkpoint_every_epochs': 0.01, 'log_every_steps': 100}), workdir)
   kept, step = params_of(workdir)
   assert step == 4
@@ -233,19 +239,21 @@ def test_divergence_on_a_save_step_saves_nothing_and_names_the_step(tmp_path):
   assert not glob.glob(os.path.join(workdir, 'checkpoints', '*tmp*'))
 
 
+@overflows
 def test_divergence_without_a_checkpoint_says_the_rerun_starts_over(tmp_path):
   with pytest.raises(train.NonFiniteLossError, match='no checkpoint exists'):
     train.train_and_evaluate(smoke_config(**{
-        'optim.learning_rate': float('inf'), 'optim.schedule': 'constant'}), str(tmp_path))
+        'optim.learning_rate': INF32, 'optim.schedule': 'constant'}), str(tmp_path))
 
 
+@overflows
 def test_the_skip_policy_keeps_the_state_of_non_finite_steps_and_counts_them(tmp_path):
   workdir = str(tmp_path)
   train.train_and_evaluate(smoke_config(num_epochs=0.1), workdir)  # saves step 4
   saved, _ = params_of(workdir)
-  os.remove(os.path.join(workdir, 'config.json'))  # else the workdir refuses the new rate
+  os.remove(os.path.join(workdir, 'config.json'))  # else it refuses the new optimizer
   train.train_and_evaluate(smoke_config(**{
-      'optim.learning_rate': float('inf'), 'optim.schedule': 'constant',
+      'optim.learning_rate': INF32, 'optim.schedule': 'constant',
       'skip_nonfinite_steps': True}), workdir)
   kept, step = params_of(workdir)
   assert step == 9  # the steps ran; every update was non-finite and skipped
