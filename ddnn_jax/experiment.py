@@ -83,7 +83,7 @@ class Experiment:
     """ShapeDtypeStructs of the TrainState, with shardings: what a restore needs."""
     return checkpointing.abstract_with_shardings(*self._state_shapes)
 
-  @property
+  @functools.cached_property
   def abstract_variables(self) -> dict:
     """ShapeDtypeStructs of the model variables ({params, batch_stats}),
     replicated on the mesh; no optimizer state."""

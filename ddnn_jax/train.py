@@ -113,26 +113,24 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
 
 
-def _mean_metrics(history: list[tuple[int, dict]]) -> dict[str, float]:
-  """Means over the steps of `history` that were finite, and how many were not."""
-  values = jax.device_get([m for _, m in history])
+def _mean_metrics(values: list[dict]) -> dict[str, float]:
+  """Means over the steps (host metrics) that were finite, and how many were not."""
   finite = [v for v in values if not v['train/nonfinite']] or values
   means = {k: float(np.mean([v[k] for v in finite])) for k in values[0]}
   means['train/nonfinite'] = float(sum(v['train/nonfinite'] for v in values))
   return means
 
 
-def _check_finite(history: list[tuple[int, dict]], config: ml_collections.ConfigDict,
+def _check_finite(steps: list[int], values: list[dict], config: ml_collections.ConfigDict,
                   manager) -> None:
-  """Raises NonFiniteLossError at the first step of `history` whose loss,
-  gradients, parameters or BatchNorm statistics are not finite, before any of
-  it is saved (unless config.skip_nonfinite_steps: the step kept the old state)."""
-  flags = jax.device_get([m['train/nonfinite'] for _, m in history])
-  bad = [(step, metrics) for (step, metrics), flag in zip(history, flags) if flag]
+  """Raises NonFiniteLossError at the first of `steps` (host metrics `values`)
+  whose loss, gradients, parameters or BatchNorm statistics are not finite,
+  before any of it is saved (unless config.skip_nonfinite_steps: the step kept
+  the old state)."""
+  bad = [(step, v) for step, v in zip(steps, values) if v['train/nonfinite']]
   if not bad or config.get('skip_nonfinite_steps', False):
     return
-  step, metrics = bad[0]
-  values = jax.device_get(metrics)
+  step, values = bad[0]
   terms = [k.removeprefix('train/') for k, v in values.items()
            if k != 'train/nonfinite' and not np.isfinite(v).all()]
   checkpointing.wait(manager)
@@ -310,8 +308,9 @@ def _train_loop(exp: experiment.Experiment, state: TrainState, train_step, manag
     save_now = (is_last or preempted
                 or step % exp.every(config.checkpoint_every_epochs) == 0)
     if save_now or step % config.log_every_steps == 0:
-      _check_finite(history, config, manager)  # before anything of it is saved
-      writer.write_scalars(step, _mean_metrics(history))
+      values = jax.device_get([m for _, m in history])  # one transfer for both
+      _check_finite([s for s, _ in history], values, config, manager)  # before any save
+      writer.write_scalars(step, _mean_metrics(values))
       history = []
     if save_now:
       checkpointing.save(manager, step, state)

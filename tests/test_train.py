@@ -218,12 +218,18 @@ INF32 = 1e39  # a finite learning rate in the config, inf in float32 on the devi
 overflows = pytest.mark.filterwarnings('ignore:overflow encountered in cast:RuntimeWarning')
 
 
+def _four_good_steps(workdir: str):
+  """Trains 4 steps (saved) and returns their parameters; drops config.json so
+  that the workdir takes the diverging optimizer of the rerun."""
+  train.train_and_evaluate(smoke_config(num_epochs=0.1), workdir)  # saves step 4
+  os.remove(os.path.join(workdir, 'config.json'))  # else it refuses the new optimizer
+  return params_of(workdir)[0]
+
+
 @overflows
 def test_divergence_on_a_save_step_saves_nothing_and_names_the_step(tmp_path):
   workdir = str(tmp_path)
-  train.train_and_evaluate(smoke_config(num_epochs=0.1), workdir)  # saves step 4
-  saved, _ = params_of(workdir)
-  os.remove(os.path.join(workdir, 'config.json'))  # else it refuses the new optimizer
+  saved = _four_good_steps(workdir)
   # A learning rate beyond float32's range (inf on the device; the config
   # checks refuse a non-finite one) makes the parameters of step 5 non-finite;
   # every step is a save step, so the check must come before the save.
@@ -249,9 +255,7 @@ def test_divergence_without_a_checkpoint_says_the_rerun_starts_over(tmp_path):
 @overflows
 def test_the_skip_policy_keeps_the_state_of_non_finite_steps_and_counts_them(tmp_path):
   workdir = str(tmp_path)
-  train.train_and_evaluate(smoke_config(num_epochs=0.1), workdir)  # saves step 4
-  saved, _ = params_of(workdir)
-  os.remove(os.path.join(workdir, 'config.json'))  # else it refuses the new optimizer
+  saved = _four_good_steps(workdir)
   train.train_and_evaluate(smoke_config(**{
       'optim.learning_rate': INF32, 'optim.schedule': 'constant',
       'skip_nonfinite_steps': True}), workdir)
