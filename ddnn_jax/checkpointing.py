@@ -221,8 +221,15 @@ def read_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
     if legacy is not None:
       state = ocp.StandardCheckpointer().restore(legacy)
       return {'params': state['params'], 'batch_stats': state['batch_stats']}
+    # A target on this process's default device: the saving run's topology
+    # (several processes or devices) may not exist here.
+    tree = ocp.StandardCheckpointer().metadata(
+        epath.Path(manager.directory) / str(step) / VARIABLES_ITEM).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree)
     return dict(manager.restore(step, args=ocp.args.Composite(**{
-        VARIABLES_ITEM: ocp.args.StandardRestore()}))[VARIABLES_ITEM])
+        VARIABLES_ITEM: ocp.args.StandardRestore(target)}))[VARIABLES_ITEM])
 
   if step is None:
     resolve_step(manager, None)  # a clear error when there is no checkpoint at all

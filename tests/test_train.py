@@ -371,24 +371,68 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process(tmp_path):
-  single = tmp_path / 'single'
-  run_worker(single, *EQUAL_RUN, devices=4)
-  multi = tmp_path / 'multi'
+def run_two_processes(workdir, *overrides, until_line=None, then=None) -> list[str]:
+  """Trains on 2 processes x 2 devices; returns each process's output.
+
+  `until_line`/`then`: once process 1 prints a line matching the regex
+  `until_line`, calls `then(procs)` (e.g. to signal one of them)."""
   port = _free_port()
   procs = [
-      run_worker(multi, *EQUAL_RUN, devices=2, wait=False, env={
+      run_worker(workdir, *overrides, devices=2, wait=False, env={
           'JAX_COORDINATOR_ADDRESS': f'127.0.0.1:{port}', 'JAX_NUM_PROCESSES': '2',
           'JAX_PROCESS_ID': str(i)}) for i in range(2)]
-  outputs = []
-  for proc in procs:
-    out, _ = proc.communicate(timeout=600)
-    outputs.append(out)
+  head = []
+  try:
+    if until_line:
+      for line in procs[1].stdout:
+        head.append(line)
+        if re.search(until_line, line):
+          then(procs)
+          break
+    outputs = [proc.communicate(timeout=600)[0] for proc in procs]
+  finally:
+    for proc in procs:
+      proc.kill()
+  outputs[1] = ''.join(head) + outputs[1]
+  for proc, out in zip(procs, outputs):
     assert proc.returncode == 0, out[-3000:]
+  return outputs
+
+
+@pytest.fixture(scope='module')
+def two_process_run(tmp_path_factory):
+  """EQUAL_RUN on 2 processes x 2 devices, uninterrupted: (workdir, outputs)."""
+  workdir = tmp_path_factory.mktemp('two_processes')
+  return workdir, run_two_processes(workdir, *EQUAL_RUN)
+
+
+def test_two_processes_match_one_process(tmp_path, two_process_run):
+  single = tmp_path / 'single'
+  run_worker(single, *EQUAL_RUN, devices=4)
+  multi, outputs = two_process_run
   assert 'process 1 of 2, 2 local / 4 global devices' in outputs[1], outputs[1][-2000:]
   a, b = scalars(str(single), 'train/loss'), scalars(str(multi), 'train/loss')
   assert sorted(a) == sorted(b) == list(range(1, 10))
   np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=0, atol=1e-5)
+
+
+def test_sigterm_to_one_of_two_processes_saves_one_step_on_both_and_resumes_exactly(
+    tmp_path, two_process_run):
+  # JAX's preemption sync point: the coordination service tells both processes
+  # the step to stop at; both save it (one checkpoint) and exit 0.
+  outputs = run_two_processes(
+      tmp_path, *EQUAL_RUN, until_line=r'\[1\] train/',
+      then=lambda procs: procs[1].send_signal(signal.SIGTERM))
+  saved = [re.findall(r'SIGTERM: saved step (\d+) and stopped', out) for out in outputs]
+  assert saved[0] and saved[0] == saved[1], [out[-2000:] for out in outputs]
+  step = int(saved[0][0])
+  assert 1 <= step < 9
+  assert params_of(str(tmp_path))[1] == step
+  run_two_processes(tmp_path, *EQUAL_RUN)  # the same command resumes
+  resumed, resumed_step = params_of(str(tmp_path))
+  expected, expected_step = params_of(str(two_process_run[0]))
+  assert resumed_step == expected_step == 9
+  jax.tree.map(np.testing.assert_array_equal, expected, resumed)
 
 
 def test_when_one_process_dies_the_other_exits_with_an_error_within_a_minute(tmp_path):
