@@ -258,9 +258,13 @@ def resolve_step(manager: ocp.CheckpointManager, step: int | None) -> int:
   return step
 
 
-def _reason(error: Exception) -> str:
+def _reason(error: Exception, directory: Any) -> str:
+  """The first line of `error`, at most 200 characters, with the checkpoint
+  directory (already named by the message) written as '...'."""
   lines = str(error).strip().splitlines() or ['']
   first = lines[0].split(' See full TensorStore details')[0]  # a dump of its spec follows
+  for form in dict.fromkeys((str(directory), os.path.realpath(str(directory)))):
+    first = first.replace(form, '...')
   return f'{type(error).__name__}: {first[:200]}'
 
 
@@ -282,7 +286,8 @@ def restore_readable(manager: ocp.CheckpointManager, read: Callable[[int], T],
       readable = [s for s in sorted(manager.all_steps(), reverse=True)
                   if s != step and _reads(read, s)]
       raise UnreadableCheckpointError(
-          f'checkpoint step {step} in {manager.directory} is unreadable ({_reason(e)}); '
+          f'checkpoint step {step} in {manager.directory} is unreadable '
+          f'({_reason(e, manager.directory)}); '
           f'readable steps: {readable or "none"}') from e
   unreadable, errors = [], []
   for candidate in sorted(manager.all_steps(), reverse=True):
@@ -290,7 +295,7 @@ def restore_readable(manager: ocp.CheckpointManager, read: Callable[[int], T],
       return read(candidate), candidate, unreadable
     except Exception as e:  # Orbax and TensorStore raise many types
       logging.warning('checkpoint step %d in %s is unreadable (%s); trying the one before',
-                      candidate, manager.directory, _reason(e))
+                      candidate, manager.directory, _reason(e, manager.directory))
       unreadable.append(candidate)
       errors.append(e)
   if errors and all(isinstance(e, ModelMismatchError) for e in errors):
@@ -331,3 +336,22 @@ def set_aside(workdir: str, steps: list[int]) -> list[str]:
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
   return jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def quiet_failed_restores(previous):
+  """A sys.unraisablehook that drops the leftovers of a failed restore. When a
+  damaged checkpoint does not read (training falls back to an older one, or
+  stops with one line), Orbax abandons its pending reads, and Python would
+  print each of their coroutines, and each TensorStore callback into Orbax's
+  closed event loop, as an 'Exception ignored' traceback, some after the
+  error line. Anything else goes to `previous`."""
+
+  def hook(unraisable) -> None:
+    code = getattr(unraisable.object, 'cr_code', None)  # a coroutine's
+    error = unraisable.exc_value
+    if ((code is not None and '/orbax/' in code.co_filename)
+        or (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed')):
+      return
+    previous(unraisable)
+
+  return hook

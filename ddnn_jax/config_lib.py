@@ -15,8 +15,11 @@ importable: run from it (as `python -m ...` and the tests do).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import re
+import sys
 from collections.abc import Sequence
 
 import ml_collections
@@ -25,10 +28,58 @@ from etils import epath
 from ml_collections import config_flags
 
 
-def describe_error(error: Exception, argv: Sequence[str]) -> str:
+def config_argument(argv: Sequence[str]) -> str | None:
+  """The --config argument as given (`file.py:ARG`), or None."""
+  for i, arg in enumerate(argv):
+    if arg.startswith('--config='):
+      return arg.split('=', 1)[1]
+    if arg == '--config' and i + 1 < len(argv):
+      return argv[i + 1]
+  return None
+
+
+def _hint_config(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
+  """The --config file's config (without overrides) for a hint, or None."""
+  file_arg = config_argument(argv)
+  if not file_arg:
+    return None
+  path, _, arg = file_arg.partition(':')
+  try:
+    spec = importlib.util.spec_from_file_location('_ddnn_config', path)
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+  except Exception:  # noqa: BLE001 -- only a hint: without it the message stands
+    return None
+
+
+def override_error(error: Exception, argv: Sequence[str],
+                   config: ml_collections.ConfigDict | None = None) -> str:
+  """One line for an override of an unknown or misplaced field among `argv`,
+  suggesting the fields of `config` (default: the --config file's) whose last
+  part is the name that failed."""
+  overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
+  quoted = re.search(r"""["']([^"']+)["']""", str(error))
+  name = quoted.group(1) if quoted else ''
+  culprits = [o for o in overrides if name in o.split('.')] or overrides
+  config = config if config is not None else _hint_config(argv)
+  known = []
+  if name and config is not None:
+    from flax import traverse_util  # noqa: PLC0415 -- main sets XLA_FLAGS before jax loads
+    flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
+    known = [f'--config.{f}' for f in sorted(flat) if f.split('.')[-1] == name]
+  fix = f'did you mean {" or ".join(known)}? ' if known else ''
+  return (f'unknown config field {", ".join(culprits) or error}: {fix}every field '
+          'and its type is in configs/base.py')
+
+
+def describe_error(error: Exception, argv: Sequence[str],
+                   config: ml_collections.ConfigDict | None = None) -> str:
   """One line for a bad `--config` among `argv`: a flag error, a config file
   that failed to load (OSError) or raised (its last traceback line), or an
-  override of an unknown field or of the wrong type."""
+  override of an unknown field or of the wrong type (`config`: the config the
+  overrides apply to, for a hint)."""
   lines = str(error).strip().splitlines() or [repr(error)]
   if isinstance(error, OSError):
     return (f'could not load the --config file: {lines[-1].strip()}; pass one of '
@@ -36,13 +87,11 @@ def describe_error(error: Exception, argv: Sequence[str]) -> str:
   if isinstance(error, flags.Error):
     # config_flags puts the config file's whole traceback into the message.
     return lines[-1].strip() if 'Traceback' in str(error) else ' '.join(lines)
-  overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-  return (f'bad config override {error} among {overrides}: every field and its type is '
-          'in configs/base.py (e.g. --config.optim.learning_rate, not '
-          '--config.learning_rate)')
+  return override_error(error, argv, config)
 
 
-def _parse(argv: list[str], define) -> ml_collections.ConfigDict:
+def _parse(argv: list[str], define,
+           hints: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
   """Parses `argv` on a fresh FlagValues with the config flag `define` makes;
   config_flags reads the overrides from `argv` then, not from sys.argv."""
   values = flags.FlagValues()
@@ -51,9 +100,9 @@ def _parse(argv: list[str], define) -> ml_collections.ConfigDict:
     values(argv)
     values.config.get('method')  # a config file that failed to load raises here
   except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
-    raise ValueError(describe_error(e, argv)) from e
+    raise ValueError(describe_error(e, argv, hints)) from e
   except OSError as e:
-    raise FileNotFoundError(describe_error(e, argv)) from e
+    raise FileNotFoundError(describe_error(e, argv, hints)) from e
   return values.config
 
 
@@ -81,7 +130,7 @@ def apply_overrides(config: ml_collections.ConfigDict, items: Sequence[str]) -> 
   if items:
     argv = ['config_lib', *(f'--config.{item}' for item in items)]
     _parse(argv, lambda values, argv: config_flags.DEFINE_config_dict(
-        'config', config, flag_values=values, lock_config=False, sys_argv=argv))
+        'config', config, flag_values=values, lock_config=False, sys_argv=argv), config)
 
 
 def _tuples(value):

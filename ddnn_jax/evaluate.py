@@ -22,6 +22,7 @@ statistics on N training batches first. A user error is one line and exit 2.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import sys
@@ -225,6 +226,17 @@ def define_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) ->
                                     flag_values=values, sys_argv=argv)
 
 
+def _saved_config(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
+  """The config.json that overrides apply to when no --config is given."""
+  workdir = _workdir(list(argv))
+  if workdir is None or config_lib.config_argument(argv) is not None:
+    return None
+  try:
+    return config_lib.load_saved(workdir)
+  except (OSError, ValueError):
+    return None
+
+
 def _exit_with_error(message: str) -> NoReturn:
   """One line on stderr and exit status 2, as ddnn_jax.main's flag errors."""
   print(f'error: {" ".join(message.split())}', file=sys.stderr)
@@ -245,7 +257,7 @@ def parse_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> 
   except FileNotFoundError as e:  # the workdir's config.json
     _exit_with_error(str(e))
   except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
-    _exit_with_error(config_lib.describe_error(e, argv))
+    _exit_with_error(config_lib.describe_error(e, argv, _saved_config(argv)))
   if rest[1:]:
     _exit_with_error(f'unexpected arguments {rest[1:]}; every option is a --flag')
   return rest
@@ -257,13 +269,17 @@ def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
   from ddnn_jax import checkpointing, input_pipeline
 
   input_pipeline.hide_accelerators_from_tf()  # before TF starts
+  message = None
   try:
     run(values.workdir, values.config, step=values.step, split=values.split,
         root=values.root, batch_size=values.batch_size,
         recalibrate_bn=values.recalibrate_bn)
   except (ValueError, FileNotFoundError, KeyError,
           checkpointing.UnreadableCheckpointError) as e:
-    _exit_with_error(str(e))
+    message = str(e)  # printed once the traceback's frames are gone
+  if message is not None:
+    gc.collect()  # iterators left in reference cycles go now, not at exit
+    _exit_with_error(message)
 
 
 def _main_owning_the_process(argv: Sequence[str]) -> None:
@@ -275,6 +291,8 @@ def _main_owning_the_process(argv: Sequence[str]) -> None:
   # its CPU client, so that the img/s column compares with training's.
   runtime.configure_xla_flags()
   runtime.configure_cpu_process(flags.FLAGS.config.model.get('conv_impl', 'xla'))
+  from ddnn_jax import checkpointing
+  sys.unraisablehook = checkpointing.quiet_failed_restores(sys.unraisablehook)
   main(argv)
 
 

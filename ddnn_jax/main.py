@@ -11,7 +11,6 @@ instead. docs/BAD_INPUT.md lists every case and its message.
 
 import errno
 import gc
-import importlib.util
 import logging as std_logging
 import os
 import re
@@ -24,10 +23,9 @@ import sys
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
 
 from absl import app, flags, logging  # noqa: E402
-from flax import traverse_util  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from ddnn_jax import runtime  # noqa: E402
+from ddnn_jax import config_lib, runtime  # noqa: E402
 
 runtime.configure_xla_flags()
 
@@ -102,35 +100,6 @@ def _verbose(argv: list[str]) -> bool:
              for a in argv)
 
 
-def _config_arg(argv: list[str]) -> str | None:
-  """The --config argument as given (`file.py:ARG`), or None."""
-  for i, arg in enumerate(argv):
-    if arg.startswith('--config='):
-      return arg.split('=', 1)[1]
-    if arg == '--config' and i + 1 < len(argv):
-      return argv[i + 1]
-  return None
-
-
-def _fields_named(name: str, argv: list[str]) -> list[str]:
-  """The dotted fields of the --config file's config whose last part is `name`
-  (the field a misplaced override meant), or [] when that cannot be told."""
-  file_arg = _config_arg(argv)
-  if not name or not file_arg:
-    return []
-  path, _, arg = file_arg.partition(':')
-  try:
-    spec = importlib.util.spec_from_file_location('_ddnn_config', path)
-    module = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(path))))
-    spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
-  except Exception:  # noqa: BLE001 -- only a hint: without it the message stands
-    return []
-  flat = traverse_util.flatten_dict(config.to_dict(), sep='.')
-  return sorted(f for f in flat if f.split('.')[-1] == name)
-
-
 def _flag_error(error: Exception, argv: list[str]) -> str | None:
   """The one-line message of a bad flag or --config, or None for another error."""
   if isinstance(error, flags.Error):
@@ -141,21 +110,14 @@ def _flag_error(error: Exception, argv: list[str]) -> str | None:
       example = {'--config': 'configs/default.py', '--workdir': 'DIR'}.get(flag, 'VALUE')
       return f'{flag} is required; pass e.g. {flag}={example}'
     if any(line.startswith('Traceback') for line in lines):  # the config file raised
-      return f'could not load the config {_config_arg(argv)}: {lines[-1]}'
+      return f'could not load the config {config_lib.config_argument(argv)}: {lines[-1]}'
     return ' '.join(lines)
   if isinstance(error, OSError):  # the config file could not be loaded
     detail = str(error).strip().splitlines()[-1].strip()
     return (f'could not load the --config file: {detail}; pass one of configs/*.py, '
             'e.g. --config configs/default.py')
   if isinstance(error, (AttributeError, KeyError, TypeError, ValueError)):
-    overrides = [a.split('=')[0] for a in argv if a.startswith('--config.')]
-    quoted = re.search(r"""["']([^"']+)["']""", str(error))
-    name = quoted.group(1) if quoted else ''
-    culprits = [o for o in overrides if name in o.split('.')] or overrides
-    known = [f'--config.{f}' for f in _fields_named(name, argv)]
-    fix = f'did you mean {" or ".join(known)}? ' if known else ''
-    return (f'unknown config field {", ".join(culprits) or error}: {fix}every field '
-            'and its type is in configs/base.py')
+    return config_lib.override_error(error, argv)
   return None
 
 
@@ -196,25 +158,6 @@ def _one_line(error: Exception) -> str:
   return ' '.join(line.strip() for line in str(error).splitlines() if line.strip())
 
 
-def _quiet_failed_restores(previous):
-  """A sys.unraisablehook that drops the leftovers of a failed restore. When a
-  damaged checkpoint does not read (training falls back to an older one, or
-  stops with one line), Orbax abandons its pending reads, and Python would
-  print each of their coroutines, and each TensorStore callback into Orbax's
-  closed event loop, as an 'Exception ignored' traceback, some after the
-  error line. Anything else goes to `previous`."""
-
-  def hook(unraisable) -> None:
-    code = getattr(unraisable.object, 'cr_code', None)  # a coroutine's
-    error = unraisable.exc_value
-    if ((code is not None and '/orbax/' in code.co_filename)
-        or (isinstance(error, RuntimeError) and str(error) == 'Event loop is closed')):
-      return
-    previous(unraisable)
-
-  return hook
-
-
 def _train() -> tuple[int, str] | None:
   """Trains; an error the user can act on -> (exit status, its one line).
   Returning (rather than exiting in the handler) drops the error's traceback,
@@ -248,7 +191,7 @@ def main(argv):
   del argv
   logging.get_absl_handler().addFilter(_QuietLibraryLogs())
   if not FLAGS.verbose:
-    sys.unraisablehook = _quiet_failed_restores(sys.unraisablehook)
+    sys.unraisablehook = checkpointing.quiet_failed_restores(sys.unraisablehook)
   input_pipeline.hide_accelerators_from_tf()  # before TF starts
   one_xla_thread = runtime.configure_cpu_process(  # before JAX starts its threads
       FLAGS.config.model.get('conv_impl', 'xla'), FLAGS.keep_freed_host_memory)

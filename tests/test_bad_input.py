@@ -60,6 +60,10 @@ class Case:
   devices: int = 1
   prelude: str = ''  # Python run before main (a mocked failure)
   wrap: str = ''  # 'read_only' or 'tmpfs': how the command runs, see _command
+  entry: str = 'main'  # the module run: ddnn_jax.main or ddnn_jax.evaluate
+  # A regex of the part of the line that differs between runs (which array of
+  # a damaged checkpoint TensorStore reads first); compared as '...'.
+  varies: str = ''
   # Whether the run may write to the workdir before it fails (a failure that
   # only shows while training); else the workdir must be left as it was.
   writes: bool = False
@@ -146,6 +150,34 @@ def copy_of_trained_run(*, keep_config: bool = True, damage: bool = False):
       for path in (workdir / 'checkpoints').glob('*/*/**/d/*'):
         path.write_bytes(b'\0garbage\0' * 64)
   return setup
+
+
+@functools.cache
+def trained_folder_workdir() -> pathlib.Path:
+  """A workdir holding one step of the smoke config on the image folder of
+  `folder` (classes cat and dog), which stays next to it as root/."""
+  import atexit  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+
+  base = pathlib.Path(tempfile.mkdtemp(prefix='bad_input_folder_'))
+  atexit.register(shutil.rmtree, base, ignore_errors=True)
+  folder(base, base / 'run')
+  args = tuple(a.format(tmp=base) for a in (
+      *FOLDER, *ONE_STEP, '--config.batch_size=4', '--config.eval_batch_size=4'))
+  result = subprocess.run(_command(Case('train', '', args, ''), base, base / 'run'),
+                          cwd=ROOT, env=_env(1), capture_output=True, text=True,
+                          timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return base
+
+
+def folder_run_and_other_root(tmp: pathlib.Path, workdir: pathlib.Path) -> None:
+  """WORKDIR: a run trained on an image folder of cat and dog, whose training
+  root is copied to TMP/root; TMP/other/test holds cat and lorry."""
+  folder(tmp, workdir, {'test': ('cat', 'lorry')})
+  (tmp / 'root').rename(tmp / 'other')
+  shutil.copytree(trained_folder_workdir() / 'run', workdir)
+  shutil.copytree(trained_folder_workdir() / 'root', tmp / 'root')
 
 
 CASES = [
@@ -274,6 +306,33 @@ CASES = [
     Case('checkpoints_damaged', 'a workdir whose every checkpoint is damaged', (),
          r'no checkpoint in .*/checkpoints is readable \(steps \[1\]\)',
          setup=copy_of_trained_run(damage=True)),
+    # python -m ddnn_jax.evaluate: the run's config.json is its config.
+    Case('eval_workdir_missing', 'evaluate a --workdir that does not exist (a typo)', (),
+         r'nowhere/config\.json does not exist', entry='evaluate', config=None,
+         workdir='{tmp}/nowhere'),
+    Case('eval_step_missing', 'evaluate a step that was never saved', ('--step=99',),
+         r'no checkpoint for step 99', entry='evaluate', config=None,
+         setup=copy_of_trained_run()),
+    Case('eval_step_damaged', 'evaluate a damaged step', ('--step=1',),
+         r'checkpoint step 1 in .*/checkpoints is unreadable .*; readable steps: none',
+         entry='evaluate', config=None, setup=copy_of_trained_run(damage=True),
+         varies=r'\(ValueError: .*\)(?=; readable)'),
+    Case('eval_recalibrate_negative', 'evaluate with a negative BN re-calibration count',
+         ('--recalibrate_bn=-1',), r'--recalibrate_bn=-1: -1 is not a non-negative integer',
+         entry='evaluate', config=None, setup=copy_of_trained_run()),
+    Case('eval_config_field_misplaced', 'evaluate with a config field at the wrong level',
+         ('--config.learning_rate=0.1',), r'did you mean --config\.optim\.learning_rate\?',
+         entry='evaluate', config=None, setup=copy_of_trained_run()),
+    Case('eval_root_not_image_folder', 'evaluate another --root of a TFDS dataset',
+         ('--root={tmp}', '--split=test'), r'root= applies to image_folder only, not digits',
+         entry='evaluate', config=None, setup=copy_of_trained_run()),
+    Case('eval_root_other_classes',
+         'evaluate another --root whose class folders differ from the training root',
+         ('--config.data.root={tmp}/root', '--config.data.data_dir={tmp}/cache',
+          '--root={tmp}/other', '--split=test'),
+         r"root .*/other has class folders \['cat', 'lorry'\] but the training root "
+         r".*/root has \['cat', 'dog'\]", entry='evaluate', config=None,
+         setup=folder_run_and_other_root),
     # Runs that fail midway (exit 1) say how to resume.
     Case('training_diverges', 'a learning rate so high that training diverges',
          ('--config.optim.learning_rate=1e38', '--config.num_epochs=0.05'),
@@ -314,7 +373,7 @@ def _command(case: Case, tmp: pathlib.Path, workdir: pathlib.Path) -> list[str]:
   argv += [f'--workdir={workdir}'] if case.workdir else []
   argv += [fill(a) for a in case.args]
   python = ([sys.executable, '-c', case.prelude + RUN_MAIN] if case.prelude
-            else [sys.executable, '-m', 'ddnn_jax.main'])
+            else [sys.executable, '-m', f'ddnn_jax.{case.entry}'])
   if case.wrap == 'read_only' and os.geteuid() == 0:  # root ignores permissions
     script = 'mount --bind "$0" "$0" && mount -o remount,bind,ro "$0" && exec "$@"'
     return ['unshare', '-m', 'sh', '-c', script, str(workdir), *python, *argv]
@@ -417,6 +476,9 @@ def test_bad_input_is_one_line_and_leaves_the_workdir(case, tmp_path):
     assert after == before, f'the workdir changed: {sorted(set(after) ^ set(before))}'
   messages, code = documented()[case.id]
   line = as_documented(line, case, tmp_path)
+  if case.varies:
+    line = re.sub(case.varies, '...', line)
+    messages = [re.sub(case.varies, '...', m) for m in messages]
   assert line in messages and code == str(case.code), (
       f'docs/BAD_INPUT.md row {case.id} does not hold this line:\n{line}')
 

@@ -160,7 +160,7 @@ def test_load_and_saved_config_take_overrides_as_the_flags_do(tmp_path):
   assert saved.depths == ((1, 1, 1), (3, 3, 3)) and saved.optim.learning_rate == 0.3
   config_lib.apply_overrides(saved, ['depths=((2,2,2),(3,3,3))'])
   assert saved.depths == ((2, 2, 2), (3, 3, 3))
-  with pytest.raises(ValueError, match='not --config.learning_rate'):
+  with pytest.raises(ValueError, match=r'did you mean --config\.optim\.learning_rate\?'):
     config_lib.apply_overrides(saved, ['learning_rate=0.1'])
   with pytest.raises(FileNotFoundError, match='config.json does not exist'):
     config_lib.load_saved(str(tmp_path / 'nothing'))

@@ -147,7 +147,7 @@ def test_evaluate_cli_overrides_the_saved_config(default_run, capsys):
     (('--recalibrate_bn', '-1'), '--recalibrate_bn=-1: -1 is not a non-negative integer'),
     (('--recalibrate-bn', '2'), "Unknown command line flag 'recalibrate-bn'"),
     (('--config.optim.learning_rate=abc',), "could not convert string to float: 'abc'"),
-    (('--config.learning_rate=0.1',), 'not --config.learning_rate'),
+    (('--config.learning_rate=0.1',), 'did you mean --config.optim.learning_rate?'),
     (('--config', 'configs/nope.py'), 'could not load the --config file'),
     (('stray',), "unexpected arguments ['stray']"),
 ])
