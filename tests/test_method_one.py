@@ -152,3 +152,7 @@ def test_a_smoke_run_resumes_across_the_rampup_end_and_evaluates_every_member(tm
   assert rows[0]['params'] == rows[1]['params'] < rows[3]['params']
   assert rows[0]['flops'] < rows[3]['flops']
   assert rows[3]['agreement'] == 1.0  # the ensemble is the reference
+  # Each member's BatchNorm statistics re-estimated alone (the gate's by the ensemble).
+  assert runs.evaluate_cli('--workdir', whole, '--recalibrate_bn', '2') == 0
+  with open(os.path.join(whole, 'eval_test_bnrecal2.json')) as f:
+    assert [r['name'] for r in json.load(f)['depths']] == [r['name'] for r in rows]

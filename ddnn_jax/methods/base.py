@@ -10,7 +10,12 @@ What the interface carries:
   `model` is any Flax module with `forward_depths(images, members, train)`
   returning one output (`.logits`, `.features`) per member, `full_depth` (the
   member evaluation compares the others with) and `check_depth`; a gate's
-  output is one more member or a term of the objective;
+  output is one more member or a term of the objective; members that are not
+  depths get names and standalone variables through the model's optional
+  `member_name(member)` and `member_variables(variables, member)`
+  (models.member_name: the depth tag without them), and `model.apply(
+  variables, images, member)` gives one member's logits (FLOPs, img/s), as in
+  one.py and mcod.py;
 - a frozen teacher restored from another workdir: `Teacher(model, variables,
   depths)`; the train step runs it under stop_gradient and passes its outputs
   to the objective as `teacher_outputs`; its variables are a step argument
