@@ -15,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   # What a training step computes, a method registered in ddnn_jax/methods/:
   # 'ekd' (all depths, full net teaches the others), 'joint_ce' (all depths,
-  # cross-entropy only) or 'individual' (one depth trained as a standalone net).
+  # cross-entropy only) or 'individual' (one depth trained as a standalone net);
+  # the comparison methods 'offline_kd', 'one' and 'mcod' (fields below).
   config.method = 'ekd'
 
   config.model = ml_collections.ConfigDict()
@@ -35,6 +36,35 @@ def get_config() -> ml_collections.ConfigDict:
   config.depths = ((1, 1, 1), (2, 2, 2), (3, 3, 3))
   # The one depth that method 'individual' trains as a standalone net.
   config.individual_depth = (3, 3, 3)
+
+  # Method 'offline_kd': the student is `individual_depth`, taught with the
+  # config.ekd terms by the frozen reference net of another run: the workdir
+  # of a finished run (its config.json and latest checkpoint).
+  config.teacher_workdir = ''
+
+  # Method 'one' (METHODS.md section 4): a shared trunk, `branches` copies of
+  # the last stage, a gated ensemble of them teaching each; branch 1 deploys.
+  config.one = ml_collections.ConfigDict()
+  config.one.branches = 3  # m, copies of the last stage (at least 2)
+  config.one.temperature = 3.0
+  config.one.kd_weight = 1.0  # weight of the T^2 KL terms after the ramp-up
+  config.one.rampup_epochs = 80.0  # sigmoid ramp-up of kd_weight (0: none)
+
+  # Method 'mcod' (METHODS.md section 4): peers of different architectures,
+  # the mean of their logits teaching each, on and off in periods, with a
+  # weight lambda that grows from weight_start to weight_end.
+  config.mcod = ml_collections.ConfigDict()
+  # A ResNet preset of ddnn_jax.models.PRESETS or a VGG-style 'vgg8', 'vgg11'.
+  config.mcod.peers = ('cifar_resnet20', 'cifar_resnet32', 'vgg8')
+  config.mcod.temperature = 3.0
+  config.mcod.period_epochs = 10.0  # one off/on cycle of the distillation
+  config.mcod.duty_cycle = 0.5  # fraction of each period with distillation on
+  config.mcod.on_first = False  # False: each period begins with distillation off
+  config.mcod.growth = 'linear'  # lambda over training: 'linear' or 'step'
+  config.mcod.weight_start = 0.0  # lambda at step 0
+  config.mcod.weight_end = 1.0  # lambda from growth_epochs on
+  config.mcod.growth_epochs = 30.0
+  config.mcod.growth_levels = 4  # 'step': lambda takes this many equal steps
 
   # EKD as docs/RESULTS.md found it to work: the KL term, ramped up over the
   # first epoch, and no attention term (with METHODS.md's beta = 1 every

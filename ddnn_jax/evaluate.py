@@ -86,7 +86,7 @@ def make_eval_step(model: models.DDNNResNet, depths: Sequence[models.Depth],
               jax.nn.log_softmax(logits), teacher_log_probs),
           'agreement': jnp.argmax(logits, -1) == jnp.argmax(teacher, -1),
       }
-      result[models.depth_tag(depth)] = DepthMetrics.single_from_model_output(
+      result[models.member_name(model, depth)] = DepthMetrics.single_from_model_output(
           **{name: v.astype(jnp.float32) for name, v in per_example.items()},
           mask=batch['mask'])  # the padding of a split's last batch does not count
     return result

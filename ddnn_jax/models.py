@@ -377,5 +377,19 @@ def extract_subnet(variables: Mapping[str, Any], depth: Sequence[int]) -> dict:
   return result
 
 
+def member_name(model: nn.Module, member: Any) -> str:
+  """A member's name in metrics and reports: `model.member_name(member)` for a
+  model whose members are not depths (branches, peers), else the depth tag."""
+  name = getattr(model, 'member_name', None)
+  return name(member) if callable(name) else depth_tag(member)
+
+
+def member_variables(model: nn.Module, variables: Mapping[str, Any], member: Any) -> dict:
+  """The variables a member uses, as its standalone net holds them:
+  `model.member_variables(variables, member)`, else `extract_subnet`."""
+  extract = getattr(model, 'member_variables', None)
+  return extract(variables, member) if callable(extract) else extract_subnet(variables, member)
+
+
 def count_params(tree: Any) -> int:
   return sum(int(x.size) for x in jax.tree.leaves(tree))

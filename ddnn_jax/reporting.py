@@ -43,13 +43,24 @@ def measure_throughput(model: models.DDNNResNet, variables, depth: models.Depth,
   return runs * images.shape[0] / (time.perf_counter() - start)
 
 
+def _label(row: dict) -> str:
+  """A row's depth as '3,4,6,3', or the name of a member that is no depth."""
+  depth = row['depth']
+  if row.get('name', models.depth_tag(depth)) == models.depth_tag(depth):
+    return ','.join(map(str, depth))
+  return row['name']
+
+
 def format_table(rows: Sequence[dict]) -> str:
-  """The Markdown table of `report`'s rows, one per depth."""
-  lines = ['| depth | top-1 | top-5 | loss | KL to full | agreement | params | GFLOPs | img/s |',
+  """The Markdown table of `report`'s rows, one per depth (or named member:
+  a branch, a peer, an ensemble)."""
+  named = any(_label(r) == r.get('name') for r in rows)
+  lines = [f'| {"member" if named else "depth"} | top-1 | top-5 | loss | KL to full | '
+           'agreement | params | GFLOPs | img/s |',
            '|---|---:|---:|---:|---:|---:|---:|---:|---:|']
   for r in rows:
     lines.append(
-        f'| {",".join(map(str, r["depth"]))} | {100 * r["top1"]:.2f} | '
+        f'| {_label(r)} | {100 * r["top1"]:.2f} | '
         f'{100 * r["top5"]:.2f} | {r["loss"]:.4f} | {r["kl_to_full"]:.4f} | '
         f'{100 * r["agreement"]:.2f} | {r["params"]:,} | {r["flops"] / 1e9:.4g} | '
         f'{r["images_per_second"]:.0f} |')
@@ -67,7 +78,7 @@ def plot_accuracy_vs_flops(rows: Sequence[dict], path: str, title: str) -> None:
   top1 = [100 * r['top1'] for r in rows]
   ax.plot(gflops, top1, 'o-')
   for r, x, y in zip(rows, gflops, top1):
-    ax.annotate(','.join(map(str, r['depth'])), (x, y), textcoords='offset points',
+    ax.annotate(_label(r), (x, y), textcoords='offset points',
                 xytext=(4, -10), fontsize=8)
   ax.set_xlabel('GFLOPs per image (XLA cost analysis)')
   ax.set_ylabel('top-1 accuracy (%)')
@@ -87,10 +98,11 @@ def report(workdir: str, config: ml_collections.ConfigDict, model: models.DDNNRe
   image_size = sample_images.shape[1]
   rows = []
   for depth in depths:
-    tag = models.depth_tag(depth)
-    params = models.count_params(models.extract_subnet(host_variables, depth)['params'])
+    tag = models.member_name(model, depth)
+    params = models.count_params(
+        models.member_variables(model, host_variables, depth)['params'])
     rows.append({
-        'depth': list(depth), 'params': params,
+        'depth': list(depth), 'name': tag, 'params': params,
         'flops': costs.compiled_flops(model, variables, depth, image_size),
         'images_per_second': measure_throughput(model, variables, depth, sample_images,
                                                 mesh),

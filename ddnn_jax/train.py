@@ -76,7 +76,7 @@ def make_train_step(exp: experiment.Experiment):
     loss, terms = method.objective(outputs, batch['label'], step, **extra)
     for depth, output in zip(depths, outputs):
       correct = jnp.argmax(output.logits, -1) == batch['label']
-      terms[f'{models.depth_tag(depth)}/accuracy'] = correct.mean()
+      terms[f'{models.member_name(model, depth)}/accuracy'] = correct.mean()
     return loss, (terms, updates.get('batch_stats', batch_stats))
 
   def step(state: TrainState, batch, teacher_variables=None):

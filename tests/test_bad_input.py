@@ -245,6 +245,12 @@ CASES = [
     Case('individual_depth_invalid', "method 'individual' with an impossible depth",
          ('--config.method=individual', '--config.individual_depth=(2,5,2)'),
          r'individual_depth=\(2,5,2\): .*stage 2 has 5 blocks'),
+    # A method's own settings: refused when the method is built, before any write.
+    Case('method_setting_invalid', "a setting of method 'one' out of range",
+         ('--config.method=one', '--config.one.branches=1'),
+         r'one\.branches=1 must be a whole number >= 2'),
+    Case('teacher_workdir_missing', "method 'offline_kd' without a teacher",
+         ('--config.method=offline_kd',), r'needs a teacher: pass --config\.teacher_workdir'),
     # Sizes that depend on the devices or the data.
     Case('batch_size_not_divisible', 'a batch size the 8 devices cannot split',
          ('--config.batch_size=30',), r'batch_size=30 is not divisible by the 8 devices',

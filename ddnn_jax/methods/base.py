@@ -10,7 +10,12 @@ What the interface carries:
   `model` is any Flax module with `forward_depths(images, members, train)`
   returning one output (`.logits`, `.features`) per member, `full_depth` (the
   member evaluation compares the others with) and `check_depth`; a gate's
-  output is one more member or a term of the objective;
+  output is one more member or a term of the objective; members that are not
+  depths get names and standalone variables through the model's optional
+  `member_name(member)` and `member_variables(variables, member)`
+  (models.member_name: the depth tag without them), and `model.apply(
+  variables, images, member)` gives one member's logits (FLOPs, img/s), as in
+  one.py and mcod.py;
 - a frozen teacher restored from another workdir: `Teacher(model, variables,
   depths)`; the train step runs it under stop_gradient and passes its outputs
   to the objective as `teacher_outputs`; its variables are a step argument
@@ -23,6 +28,8 @@ What the interface carries:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -161,3 +168,40 @@ def phased(*phases: tuple[int, Objective]) -> Objective:
     return loss, {**terms, 'phase': index}
 
   return objective
+
+
+def is_number(test: Callable[[float], bool]) -> Callable[[Any], bool]:
+  """A `setting` test: a finite real number (no bool) that passes `test`."""
+  return lambda v: (isinstance(v, numbers.Real) and not isinstance(v, bool)
+                    and math.isfinite(v) and test(v))
+
+
+def is_whole(minimum: int) -> Callable[[Any], bool]:
+  """A `setting` test: an integer (no bool) >= `minimum`."""
+  return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
+
+
+def setting(config: ml_collections.ConfigDict, field: str, ok: Callable[[Any], bool],
+            words: str, example: str) -> Any:
+  """The value of the dotted `field` of `config` (a method's own setting);
+  a one-line ValueError naming the field and the flag that fixes it when it
+  is missing or `ok(value)` fails (`words` says what ok wants)."""
+  value = config
+  for name in field.split('.'):
+    if not isinstance(value, (ml_collections.ConfigDict, dict)) or name not in value:
+      raise ValueError(f'method {config.method!r} needs config.{field}; build the config '
+                       'on configs/base.py, which holds its default, or pass '
+                       f'--config.{field}={example}')
+    value = value[name]
+  if not ok(value):
+    raise ValueError(f'{field}={value!r} must be {words}; pass e.g. --config.{field}={example}')
+  return value
+
+
+def epochs_in_steps(epochs: float, steps_per_epoch: int | None) -> int:
+  """A duration of a method's schedule in steps: at least 1 when `epochs` > 0,
+  0 when it is 0 or `steps_per_epoch` is not known (an objective that needs it
+  must then refuse to run)."""
+  if not epochs or steps_per_epoch is None:
+    return 0
+  return max(1, round(epochs * steps_per_epoch))
