@@ -56,6 +56,10 @@ def data_config(name: str = 'digits') -> ml_collections.ConfigDict:
   # .tar/.tar.gz of that layout (extracted once into a cache folder).
   data.root = ml_collections.config_dict.placeholder(str)
   data.data_dir = ml_collections.config_dict.placeholder(str)  # TFDS data_dir; None = TFDS default
+  # image_folder: the class folders, in label order, that every root must
+  # have. Empty: those of `root`. A released model (ddnn_jax.release) records
+  # them, so that it scores another root without the training root.
+  data.class_names = ()
   data.train_split = 'train'
   data.eval_split = 'test'
   # image_folder without a ROOT/validation folder: 'validation' is a hold-out

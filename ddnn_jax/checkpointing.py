@@ -118,6 +118,15 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any) -> None:
     }))
 
 
+def save_variables(manager: ocp.CheckpointManager, step: int, variables: Any) -> None:
+  """Saves only the model variables as `step` (a released model: no
+  optimizer state); waits for the save."""
+  with _writing(manager):
+    manager.save(step, args=ocp.args.Composite(**{
+        VARIABLES_ITEM: ocp.args.StandardSave(variables)}))
+    manager.wait_until_finished()
+
+
 def wait(manager: ocp.CheckpointManager) -> None:
   """Waits for the background saves; one that failed raises CheckpointWriteError."""
   with _writing(manager):

@@ -121,14 +121,20 @@ def evaluate_depths(model: models.DDNNResNet, variables, batches: Iterable[dict]
 
 
 def restore(workdir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
-            step: int | None = None) -> tuple[methods_lib.Method, dict, int]:
+            step: int | None = None,
+            root: str | None = None) -> tuple[methods_lib.Method, dict, int]:
   """(method, model variables, step) of the run's latest (or `step`)
   checkpoint, replicated on `mesh`. Only the variables are read (a checkpoint
-  of the legacy one-item layout is read whole, optimizer state included)."""
+  of the legacy one-item layout is read whole, optimizer state included).
+  `root`: the image folder to be scored, when it is not the training root."""
   from ddnn_jax import checkpointing, experiment, input_pipeline
 
-  info = input_pipeline.get_info(config.data)
-  exp = experiment.build(config, mesh, experiment.DataSpec.from_info(info, config))
+  info = input_pipeline.get_info(config.data, root)
+  # A released model scoring another root has no training split at hand;
+  # evaluation does not use the schedule that its size sets.
+  train_examples = info.num_examples.get(config.data.train_split, config.batch_size)
+  exp = experiment.build(config, mesh, experiment.DataSpec(info.num_classes, info.image_size,
+                                                           train_examples))
   manager = checkpointing.create_manager(workdir, async_save=False)
 
   def read(step):
@@ -156,7 +162,7 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
   mesh = mesh_lib.create_mesh()
   batch_size = batch_size or config.eval_batch_size
   mesh_lib.check_batch_size(batch_size, mesh, 'eval_batch_size')
-  method, variables, step = restore(workdir, config, mesh, step)
+  method, variables, step = restore(workdir, config, mesh, step, root)
   model, depths = method.model, method.depths
   split = split or config.data.eval_split
 

@@ -19,6 +19,7 @@ import shutil
 import tarfile
 import tempfile
 import zlib
+from collections.abc import Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -182,13 +183,25 @@ def _with_holdout(splits: Splits, size: int, fraction: float, seed: int) -> Spli
 
 def splits(root: str | None, data_dir: str | None, *, scoring_root: str | None = None,
            validation_size: int = 0, validation_fraction: float = 0.0,
-           validation_seed: int = 0) -> tuple[tuple[str, ...], Splits]:
+           validation_seed: int = 0,
+           class_names: Sequence[str] = ()) -> tuple[tuple[str, ...], Splits]:
   """(class names, splits) of the training `root`, with the validation hold-out
   (see `_with_holdout`), or, given `scoring_root`, the whole folder splits of
-  that root, which must have the training root's class folders."""
-  train_dir = resolve_root(root, data_dir)
-  class_names, train_splits = read_root(train_dir)
-  other_dir = train_dir if scoring_root is None else resolve_root(scoring_root, data_dir)
+  that root, which must have the training root's class folders. Given
+  `class_names`, every root must have those, and a `scoring_root` needs no
+  training root."""
+  class_names = tuple(class_names)
+  if scoring_root is not None and not root and class_names:  # a released model
+    other_dir, train_dir, root = resolve_root(scoring_root, data_dir), None, 'of the model'
+  else:
+    train_dir = resolve_root(root, data_dir)
+    names, train_splits = read_root(train_dir)
+    if class_names and names != class_names:
+      raise ValueError(f'image_folder root {root} has class folders {list(names)} but the '
+                       f'config names {list(class_names)} (data.class_names); train on a '
+                       'root with those folders or clear --config.data.class_names')
+    class_names = names
+    other_dir = train_dir if scoring_root is None else resolve_root(scoring_root, data_dir)
   if other_dir == train_dir:
     return class_names, _with_holdout(train_splits, validation_size, validation_fraction,
                                       validation_seed)

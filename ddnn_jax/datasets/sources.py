@@ -105,7 +105,8 @@ def _image_folder_splits(data: ml_collections.ConfigDict,
   """Class names and splits of the training root, or of the scoring `root`."""
   class_names, splits = image_folder.splits(
       data.root, data.data_dir, scoring_root=root, validation_size=data.validation_size,
-      validation_fraction=data.validation_fraction, validation_seed=data.validation_seed)
+      validation_fraction=data.validation_fraction, validation_seed=data.validation_seed,
+      class_names=data.get('class_names') or ())
   return class_names, {name: Split(labels, paths=paths)
                        for name, (paths, labels) in splits.items()}
 
