@@ -39,6 +39,9 @@ class CheckpointWriteError(OSError):
 
 
 def checkpoint_dir(workdir: str) -> str:
+  """WORKDIR/checkpoints; a local workdir made absolute (Orbax needs that)."""
+  if '://' not in workdir:
+    workdir = os.path.abspath(workdir)
   return os.path.join(workdir, 'checkpoints')
 
 

@@ -66,8 +66,10 @@ def released_config(config: ml_collections.ConfigDict, class_names: Sequence[str
   """`config` without data paths, with the class folders, in the BN mode of
   the released variables."""
   config = copy.deepcopy(config)
-  config.data.root = None
-  config.data.data_dir = None
+  # Empty, not None: config.json keeps no type for a None, and the user sets
+  # them again with --config.data.root=... on evaluate's command line.
+  config.data.root = ''
+  config.data.data_dir = ''
   if class_names is not None and config.data.name == 'image_folder':
     config.data.class_names = tuple(class_names)
   if per_depth_bn:

@@ -1,0 +1,126 @@
+"""Released models (ddnn_jax.release): variables only, per-depth BatchNorm
+statistics baked in, scored by a plain `evaluate` on the validation split and
+on another root without the training root; the committed releases of
+docs/models reproduce the validation top-1 that docs/RESULTS.md quotes."""
+
+import json
+import os
+import pathlib
+import shutil
+
+import pytest
+from absl import flags
+from conftest import cifar10_tar
+
+from ddnn_jax import checkpointing, config_lib, evaluate, release, train
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODELS = ROOT / 'docs' / 'models' / 'study30'
+
+
+def evaluate_cli(*args) -> int:
+  values = flags.FlagValues()
+  try:
+    evaluate.main(evaluate.parse_flags(['evaluate', *args], values), values)
+  except SystemExit as e:
+    return e.code
+  return 0
+
+
+def test_per_depth_statistics_name_each_norm_after_its_depth():
+  target = {'stem': {'bn_d1-1': {'mean': 0, 'var': 0}, 'bn_d2-1': {'mean': 0, 'var': 0}},
+            'stage1_block1': {'bn1_d2-1': {'mean': 0, 'var': 0}}}
+  recalibrated = [
+      {'batch_stats': {'stem': {'bn': {'mean': 1, 'var': 2}},
+                       'stage1_block1': {'bn1': {'mean': 9, 'var': 9}}}},
+      {'batch_stats': {'stem': {'bn': {'mean': 3, 'var': 4}},
+                       'stage1_block1': {'bn1': {'mean': 5, 'var': 6}}}}]
+  filled = release.per_depth_statistics(target, recalibrated, [(1, 1), (2, 1)])
+  assert filled == {'stem': {'bn_d1-1': {'mean': 1, 'var': 2},
+                             'bn_d2-1': {'mean': 3, 'var': 4}},
+                    'stage1_block1': {'bn1_d2-1': {'mean': 5, 'var': 6}}}
+  with pytest.raises(ValueError, match='belongs to no released depth'):
+    release.per_depth_statistics({'stem': {'bn_d9-9': {'mean': 0}}}, recalibrated,
+                                 [(1, 1), (2, 1)])
+
+
+@pytest.fixture(scope='module')
+def folder_run(cifar_roots, tmp_path_factory):
+  """One epoch of cifar10_folder at width 1/8 on 300 real CIFAR-10 JPEGs, and
+  its evaluation with per-depth BN re-calibration on 2 batches."""
+  root, other = cifar_roots
+  tmp = tmp_path_factory.mktemp('release')
+  workdir = str(tmp / 'run')
+  config = config_lib.load(str(ROOT / 'configs' / 'cifar10_folder.py'))
+  config.data.root = str(root)
+  config.data.validation_size = 50
+  config.data.data_dir = str(tmp / 'tfds')
+  config.model.width_multiplier = 0.125
+  config.update(dict(batch_size=50, eval_batch_size=50, num_epochs=1.0,
+                     log_every_steps=1, eval_every_epochs=1.0))
+  train.train_and_evaluate(config, workdir)
+  assert evaluate_cli('--workdir', workdir, '--recalibrate_bn', '2') == 0
+  return workdir, other, tmp
+
+
+def test_a_release_holds_variables_only_and_scores_as_its_source(folder_run, capsys):
+  workdir, other, tmp = folder_run
+  out = str(tmp / 'released')
+  record = release.release(workdir, out, recalibrate_bn=2)
+  # The released model's validation top-1 is the source run's after re-calibration.
+  with open(os.path.join(workdir, 'eval_validation_bnrecal2.json')) as f:
+    source = {tuple(r['depth']): r['top1'] for r in json.load(f)['depths']}
+  assert record['top1'] == record['source_top1'] == {
+      'd' + '-'.join(map(str, d)): top1 for d, top1 in source.items()}
+  assert sorted(os.listdir(out)) == ['checkpoints', 'config.json', 'release.json']
+  step_dir = pathlib.Path(out) / 'checkpoints' / str(record['step'])
+  assert sorted(p.name for p in step_dir.iterdir() if p.is_dir()) == ['variables']
+  size = sum(p.stat().st_size for p in pathlib.Path(out).rglob('*') if p.is_file())
+  assert size < 1_000_000
+  saved = config_lib.load_saved(out)
+  assert saved.data.root == saved.data.data_dir == ''
+  assert saved.model.bn_mode == 'private_stats' and len(saved.data.class_names) == 10
+  # A plain evaluation (no re-calibration) given the training root reproduces it.
+  root = config_lib.load_saved(workdir).data.root
+  assert evaluate_cli('--workdir', out, f'--config.data.root={root}',
+                      f'--config.data.data_dir={tmp}/tfds') == 0
+  with open(os.path.join(out, 'eval_validation.json')) as f:
+    plain = {tuple(r['depth']): r['top1'] for r in json.load(f)['depths']}
+  assert plain == source
+  # Another root with the same class folders, without the training root.
+  assert evaluate_cli('--workdir', out, '--root', str(other), '--split', 'test') == 0
+  with open(os.path.join(out, 'eval_OTHER_test.json')) as f:
+    scored = json.load(f)
+  assert scored['examples'] == 100 and all(0 <= r['top1'] <= 1 for r in scored['depths'])
+  capsys.readouterr()
+
+
+def test_release_refuses_a_used_out_folder_and_a_missing_run(folder_run, tmp_path):
+  workdir, _, _ = folder_run
+  (tmp_path / 'note.txt').write_text('mine\n')
+  with pytest.raises(ValueError, match='is not empty; pass a new folder'):
+    release.release(workdir, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='config.json does not exist'):
+    release.release(str(tmp_path / 'nothing'), str(tmp_path / 'out'))
+  assert (tmp_path / 'note.txt').read_text() == 'mine\n'
+
+
+RELEASED = sorted(p.name for p in MODELS.iterdir()) if MODELS.is_dir() else []
+
+
+@pytest.mark.parametrize('name', RELEASED[:1])
+def test_a_committed_release_reproduces_its_validation_top1(name, tmp_path):
+  tar = cifar10_tar()
+  if tar is None:
+    pytest.skip('no CIFAR-10 tar; set DDNN_CIFAR10_TAR')
+  workdir = tmp_path / name
+  shutil.copytree(MODELS / name, workdir)
+  with open(workdir / 'release.json') as f:
+    record = json.load(f)
+  assert checkpointing.read_variables(str(workdir))[1] == record['step']
+  assert evaluate_cli('--workdir', str(workdir), f'--config.data.root={tar}') == 0
+  with open(workdir / 'eval_validation.json') as f:
+    result = json.load(f)
+  assert result['examples'] == 5000
+  top1 = {r['name']: r['top1'] for r in result['depths']}
+  assert top1 == record['top1'] == record['source_top1'] and len(top1) >= 1
