@@ -147,6 +147,21 @@ def restore(workdir: str, config: ml_collections.ConfigDict, mesh: jax.sharding.
   return exp.method, variables, step
 
 
+def recalibrate_on_training_data(config: ml_collections.ConfigDict, model, variables,
+                                 depths: Sequence[models.Depth], mesh: jax.sharding.Mesh,
+                                 batch_size: int, num_batches: int) -> tuple[dict, ...]:
+  """One copy of `variables` per depth with that depth's BatchNorm statistics
+  re-estimated on the first `num_batches` training batches of `config`'s data
+  (seed config.seed: the same batches every time)."""
+  from ddnn_jax import bn_calibration, input_pipeline
+
+  return bn_calibration.recalibrate_depths(
+      model, variables, depths,
+      lambda: input_pipeline.train_batches(config.data, global_batch_size=batch_size,
+                                           seed=config.seed),
+      mesh, num_batches)
+
+
 def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = None,
         split: str | None = None, root: str | None = None,
         batch_size: int | None = None, recalibrate_bn: int = 0) -> list[dict]:
@@ -157,7 +172,7 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
   a `_bnrecal<N>` suffix so they do not replace the plain evaluation.
   """
   # Here: reporting imports this module, and the input pipeline loads TensorFlow.
-  from ddnn_jax import bn_calibration, input_pipeline, reporting
+  from ddnn_jax import input_pipeline, reporting
 
   mesh = mesh_lib.create_mesh()
   batch_size = batch_size or config.eval_batch_size
@@ -172,11 +187,8 @@ def run(workdir: str, config: ml_collections.ConfigDict, *, step: int | None = N
 
   label = split if root is None else f'{os.path.basename(os.path.normpath(root))}_{split}'
   if recalibrate_bn:
-    recalibrated = bn_calibration.recalibrate_depths(
-        model, variables, depths,
-        lambda: input_pipeline.train_batches(config.data, global_batch_size=batch_size,
-                                             seed=config.seed),
-        mesh, recalibrate_bn)
+    recalibrated = recalibrate_on_training_data(config, model, variables, depths, mesh,
+                                                batch_size, recalibrate_bn)
     eval_step = make_eval_step(model, depths, mesh, per_depth_variables=True)
     metrics = evaluate_depths(model, recalibrated, batches(), depths, mesh, eval_step)
     label = f'{label}_bnrecal{recalibrate_bn}'

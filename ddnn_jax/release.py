@@ -81,7 +81,6 @@ def release(workdir: str, out: str, *, recalibrate_bn: int = 0, step: int | None
             batch_size: int | None = None) -> dict:
   """Writes the release of `workdir` to `out`; returns its release.json."""
   from ddnn_jax import (  # noqa: PLC0415 -- TensorFlow loads with the pipeline
-      bn_calibration,
       checkpointing,
       evaluate,
       experiment,
@@ -103,11 +102,8 @@ def release(workdir: str, out: str, *, recalibrate_bn: int = 0, step: int | None
                      f'{config.model.bn_mode!r}; release it without --recalibrate_bn')
   new_config = released_config(config, info.class_names, per_depth_bn)
   if per_depth_bn:
-    recalibrated = bn_calibration.recalibrate_depths(
-        model, variables, depths,
-        lambda: input_pipeline.train_batches(config.data, global_batch_size=batch_size,
-                                             seed=config.seed),
-        mesh, recalibrate_bn)
+    recalibrated = evaluate.recalibrate_on_training_data(
+        config, model, variables, depths, mesh, batch_size, recalibrate_bn)
     target = experiment.build(new_config, mesh, experiment.DataSpec.from_info(
         info, config)).abstract_variables
     if jax.tree.structure(target['params']) != jax.tree.structure(variables['params']):
@@ -115,11 +111,9 @@ def release(workdir: str, out: str, *, recalibrate_bn: int = 0, step: int | None
                        f'{config.model.name}; release it without --recalibrate_bn')
     variables = {'params': variables['params'], 'batch_stats': per_depth_statistics(
         target['batch_stats'], recalibrated, depths)}
-  elif recalibrate_bn:  # one net: its statistics are its own already
-    variables = bn_calibration.recalibrate(
-        model, variables, depths[0],
-        input_pipeline.train_batches(config.data, global_batch_size=batch_size,
-                                     seed=config.seed), mesh, recalibrate_bn)
+  elif recalibrate_bn:  # one net: the statistics of its own batches again
+    (variables,) = evaluate.recalibrate_on_training_data(
+        config, model, variables, depths, mesh, batch_size, recalibrate_bn)
   variables = jax.device_get(variables)
   train.save_config(new_config, out)
   manager = checkpointing.create_manager(out, keep=1, async_save=False)

@@ -65,3 +65,18 @@ def cifar_roots(tmp_path_factory):
       taken[parts[1]] += 1
   assert sorted(taken) == list(CIFAR_CLASSES) and set(taken.values()) == {40}
   return base / 'ROOT', base / 'OTHER'
+
+
+def evaluate_cli(*args: str) -> int:
+  """Exit status of `python -m ddnn_jax.evaluate ARGS`'s flag parsing and main,
+  run in this process on fresh flags (without the process settings)."""
+  from absl import flags  # noqa: PLC0415
+
+  from ddnn_jax import evaluate  # noqa: PLC0415
+
+  values = flags.FlagValues()
+  try:
+    evaluate.main(evaluate.parse_flags(['evaluate', *args], values), values)
+  except SystemExit as e:
+    return e.code
+  return 0

@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 import pytest
-from absl import flags
+from conftest import evaluate_cli  # noqa: F401 -- the method tests call runs.evaluate_cli
 
-from ddnn_jax import checkpointing, config_lib, evaluate, reporting, train
+from ddnn_jax import checkpointing, config_lib, reporting, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -101,13 +101,3 @@ def _flat(tree, prefix=()) -> dict:
 def read_scalars(workdir: str, tag: str) -> dict[int, float]:
   """{step: value} of one scalar the trainer logged in `workdir`."""
   return reporting.read_scalars(workdir).get(tag, {})
-
-
-def evaluate_cli(*args: str) -> int:
-  """Exit status of `python -m ddnn_jax.evaluate ARGS` run in this process."""
-  values = flags.FlagValues()
-  try:
-    evaluate.main(evaluate.parse_flags(['evaluate', *args], values), values)
-  except SystemExit as e:
-    return e.code
-  return 0

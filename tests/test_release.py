@@ -9,22 +9,12 @@ import pathlib
 import shutil
 
 import pytest
-from absl import flags
-from conftest import cifar10_tar
+from conftest import cifar10_tar, evaluate_cli
 
-from ddnn_jax import checkpointing, config_lib, evaluate, release, train
+from ddnn_jax import checkpointing, config_lib, release, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ROOT / 'docs' / 'models' / 'study30'
-
-
-def evaluate_cli(*args) -> int:
-  values = flags.FlagValues()
-  try:
-    evaluate.main(evaluate.parse_flags(['evaluate', *args], values), values)
-  except SystemExit as e:
-    return e.code
-  return 0
 
 
 def test_per_depth_statistics_name_each_norm_after_its_depth():

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from conftest import evaluate_cli
 
 from ddnn_jax import checkpointing, config_lib, evaluate, reporting, train
 
@@ -83,18 +84,6 @@ def test_run_leaves_checkpoint_events_and_config(default_run):
   assert scalars(workdir, 'train/learning_rate') and scalars(workdir, 'train/grad_norm')
   assert metrics['count'] == 360  # the whole digits test split
   assert scalars(workdir, 'eval/d1-1-1/top1')
-
-
-def evaluate_cli(*args):
-  """Exit status of `python -m ddnn_jax.evaluate ARGS`'s flag parsing and main,
-  run in this process on fresh flags (without the process settings)."""
-  argv = ['evaluate', *args]
-  values = flags.FlagValues()
-  try:
-    evaluate.main(evaluate.parse_flags(argv, values), values)
-  except SystemExit as e:
-    return e.code
-  return 0
 
 
 def test_evaluate_cli_writes_json_table_and_plot(default_run, capsys):
