@@ -13,13 +13,19 @@ from ddnn_jax.methods.base import (
     Method,
     Objective,
     Teacher,
+    Trainable,
+    Transition,
+    apply_transitions,
     create_method,
     create_model,
+    keep_frozen,
     names,
+    phase_index,
     phased,
     register,
     train_depths,
 )
 
-__all__ = ['Builder', 'Method', 'Objective', 'Teacher', 'create_method', 'create_model',
-           'names', 'phased', 'register', 'train_depths']
+__all__ = ['Builder', 'Method', 'Objective', 'Teacher', 'Trainable', 'Transition',
+           'apply_transitions', 'create_method', 'create_model', 'keep_frozen', 'names',
+           'phase_index', 'phased', 'register', 'train_depths']
