@@ -7,7 +7,15 @@ the interface (`Method`, `Teacher`, objectives) and the helpers methods share.
 A new method is a new file here plus its import below.
 """
 
-from ddnn_jax.methods import ekd, individual, joint_ce, mcod, offline_kd, one  # noqa: F401, E402 -- they register
+from ddnn_jax.methods import (  # noqa: F401, E402 -- they register
+    depth_pruning,
+    ekd,
+    individual,
+    joint_ce,
+    mcod,
+    offline_kd,
+    one,
+)
 from ddnn_jax.methods.base import (
     Builder,
     Method,
