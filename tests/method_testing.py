@@ -94,3 +94,19 @@ def reporting_scalars(workdir: str, tag: str) -> dict[int, float]:
   """{step: value} of one scalar the trainer logged in `workdir`."""
   from ddnn_jax import reporting
   return reporting.read_scalars(workdir).get(tag, {})
+
+
+def save_run(workdir: str, config, data, seed: int = 3) -> str:
+  """A workdir holding the (randomly initialised) state of `config`'s method
+  at step 0 and its config.json: a finished run, as init_from reads one."""
+  import jax
+
+  from ddnn_jax import experiment
+  from ddnn_jax import mesh as mesh_lib
+
+  exp = experiment.build(config, mesh_lib.create_mesh(), data)
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  checkpointing.save(manager, 0, exp.init_state(jax.random.key(seed)))
+  manager.close()
+  train.save_config(config, workdir)
+  return workdir

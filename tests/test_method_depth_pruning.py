@@ -14,7 +14,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddnn_jax import checkpointing, config_lib, experiment, methods, models, train
+from ddnn_jax import config_lib, experiment, methods, models, train
 from ddnn_jax import mesh as mesh_lib
 from ddnn_jax.methods import nets
 from tests import method_testing as mt
@@ -168,15 +168,9 @@ def test_evaluate_reports_every_cut_depth_and_the_full_net(smoke_run, capsys):
 
 def source_workdir(tmp_path, **overrides) -> str:
   """A workdir holding an EKD DDNN's (random) checkpoint and its config."""
-  workdir = str(tmp_path / 'source')
   config = config_lib.load(os.path.join(ROOT, 'configs', 'default.py') + ':smoke')
   config.update_from_flattened_dict(overrides)
-  exp = experiment.build(config, mesh_lib.create_mesh(), DATA)
-  manager = checkpointing.create_manager(workdir, async_save=False)
-  checkpointing.save(manager, 0, exp.init_state(jax.random.key(3)))
-  manager.close()
-  train.save_config(config, workdir)
-  return workdir
+  return mt.save_run(str(tmp_path / 'source'), config, DATA)
 
 
 def test_init_from_loads_another_runs_full_net_and_cuts_it_at_once(tmp_path):

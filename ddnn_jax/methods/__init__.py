@@ -10,6 +10,7 @@ A new method is a new file here plus its import below.
 from ddnn_jax.methods import (  # noqa: F401, E402 -- they register
     depth_pruning,
     ekd,
+    indistill,
     individual,
     joint_ce,
     mcod,
