@@ -15,11 +15,13 @@ What the interface carries:
   `member_name(member)` and `member_variables(variables, member)`
   (models.member_name: the depth tag without them), and `model.apply(
   variables, images, member)` gives one member's logits (FLOPs, img/s), as in
-  one.py and mcod.py;
+  one.py and mcod.py; `nets.Nets` holds standalone nets side by side, one
+  member each, with both hooks (depth_pruning, indistill);
 - a frozen teacher restored from another workdir: `Teacher(model, variables,
   depths)`; the train step runs it under stop_gradient and passes its outputs
   to the objective as `teacher_outputs`; its variables are a step argument
-  (replicated), never baked into the program as constants;
+  (replicated), never baked into the program as constants (with `depths=()`
+  nothing runs: the variables only reach the transitions, below);
 - multi-phase training: the objective receives the step, so its terms can
   change over epochs (`phased` switches between objectives at step bounds,
   the KD ramp-up scales terms);

@@ -23,8 +23,11 @@ a standalone net of that depth, the full depth is the full net):
 Choices where METHODS.md is silent: the fine-tuning length is what remains
 of `num_epochs` after `pruning.full_epochs` (counted from the start, so a run
 extended on resume fine-tunes longer instead of cutting again); the learning
-rate follows the run's one schedule (`config.optim`) through both phases; the
-nets use shared BatchNorm (each net has one depth, so the private modes mean
+rate follows the run's one schedule (`config.optim`) through both phases, so
+put its decays inside the full-net phase (configs/depth_pruning.py: 'step'
+with milestones before `full_epochs`) for a full net annealed before the cut
+and fine-tuning at the low final rate, or train the full net in a run of its
+own and pass `init_from` with `full_epochs = 0`; the nets use shared BatchNorm (each net has one depth, so the private modes mean
 nothing here). Every step runs every net's forward and backward pass, frozen
 ones included, so a step costs the full net plus all cut nets: the price of
 one jitted program for both phases. Evaluation reports every cut depth and the
@@ -37,6 +40,7 @@ import math
 
 import jax.numpy as jnp
 import ml_collections
+from absl import logging
 
 from ddnn_jax import losses, models, optim
 from ddnn_jax.methods import base, nets
@@ -94,6 +98,10 @@ def build(config: ml_collections.ConfigDict, num_classes: int,
     return base.Method(model, depths, _needs_steps)
 
   boundary = optim.epochs_to_steps(config.pruning.full_epochs, steps_per_epoch)
+  if optim.epochs_to_steps(config.num_epochs, steps_per_epoch) <= boundary:
+    logging.warning('depth_pruning: num_epochs=%s ends before the cut (step %d); '
+                    'resume with a larger num_epochs to fine-tune', config.num_epochs,
+                    boundary)
   full_name = nets.net_name(full.full_depth)
 
   def cut_all(variables, *step_args):
