@@ -17,7 +17,7 @@ import pytest
 from ddnn_jax import config_lib, experiment, methods, models, train
 from ddnn_jax import mesh as mesh_lib
 from ddnn_jax.methods import nets
-from tests import method_testing as mt
+from tests import method_runs as runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'depth_pruning.py') + ':smoke'
@@ -86,7 +86,7 @@ def test_each_phase_trains_its_nets_and_the_cut_is_the_full_nets_subnet():
       for depth in CUTS:
         # The cut net holds the full net's leading blocks, bit for bit ...
         for collection in ('params', 'batch_stats'):
-          mt.assert_trees_equal(net(variables[collection], depth),
+          runs.assert_trees_equal(net(variables[collection], depth),
                                 numpy_cut(net(before.variables[collection], FULL), depth))
         # ... so before any fine-tuning it computes the full net's sub-net.
         full_variables = {c: net(t, FULL) for c, t in before.variables.items()}
@@ -95,12 +95,12 @@ def test_each_phase_trains_its_nets_and_the_cut_is_the_full_nets_subnet():
                                    expected, rtol=1e-5, atol=1e-6)
         # Its optimizer state restarts; the full net's and the step count go on.
         assert all(not x.any() for x in jax.tree.leaves(net(momentum(cut), depth)))
-      mt.assert_trees_equal(net(momentum(cut), FULL), net(momentum(before), FULL))
+      runs.assert_trees_equal(net(momentum(cut), FULL), net(momentum(before), FULL))
       assert any(x.any() for x in jax.tree.leaves(net(momentum(before), FULL)))
       assert int(cut.opt_state[1][1].count) == int(before.opt_state[1][1].count) == i
     seen = state if i != BOUNDARY else cut
     trained = (FULL,) if i < BOUNDARY else CUTS
-    expected = sum(mt.numpy_ce(train_mode_logits(exp.model, seen.variables, b['image'], m),
+    expected = sum(runs.ce(train_mode_logits(exp.model, seen.variables, b['image'], m),
                                labels) for m in trained)
     old = jax.device_get(seen)
     state, metrics = step(state, b)
@@ -129,29 +129,28 @@ def smoke_run(tmp_path_factory):
 
 def test_the_smoke_run_freezes_the_full_net_after_the_cut(smoke_run):
   workdir, metrics = smoke_run
-  phases = mt.reporting_scalars(workdir, 'train/phase')
+  phases = runs.read_scalars(workdir, 'train/phase')
   assert phases == {s: float(s > 4) for s in range(1, 10)}
-  at_cut, _ = mt.variables_at(workdir, 4)
-  end, step = mt.variables_at(workdir)
+  at_cut, _ = runs.variables_at(workdir, 4)
+  end, step = runs.variables_at(workdir)
   assert step == 9
   for collection in ('params', 'batch_stats'):
-    mt.assert_trees_equal(net(end[collection], FULL), net(at_cut[collection], FULL))
-  assert mt.reporting_scalars(workdir, 'train/d1-1-1/ce').keys() == set(range(1, 10))
+    runs.assert_trees_equal(net(end[collection], FULL), net(at_cut[collection], FULL))
+  assert runs.read_scalars(workdir, 'train/d1-1-1/ce').keys() == set(range(1, 10))
   for tag in ('d1-1-1', 'd2-2-2', 'd3-3-3'):
     assert 0 <= metrics[f'{tag}/top1'] <= 1
 
 
-def test_a_run_preempted_at_the_boundary_resumes_bit_identically(smoke_run, tmp_path,
-                                                                 monkeypatch):
+def test_a_run_preempted_at_the_boundary_resumes_bit_identically(smoke_run, tmp_path):
   workdir = str(tmp_path)
   # Step 4 is the last of the full net: the resumed run's first step cuts.
-  mt.preempted_then_resumed(smoke_config(log_every_steps=1), workdir, 4, monkeypatch)
-  mt.assert_trees_equal(mt.variables_at(workdir)[0], mt.variables_at(smoke_run[0])[0])
+  runs.interrupted_run(smoke_config(log_every_steps=1), workdir, 4)
+  runs.assert_same_variables(workdir, smoke_run[0])
 
 
 def test_evaluate_reports_every_cut_depth_and_the_full_net(smoke_run, capsys):
   workdir, metrics = smoke_run
-  assert mt.evaluate_cli('--workdir', workdir) == 0
+  assert runs.evaluate_cli('--workdir', workdir) == 0
   printed = capsys.readouterr().out
   assert '(depth_pruning)' in printed and '| 1,1,1 |' in printed
   with open(os.path.join(workdir, 'eval_test.json')) as f:
@@ -170,7 +169,7 @@ def source_workdir(tmp_path, **overrides) -> str:
   """A workdir holding an EKD DDNN's (random) checkpoint and its config."""
   config = config_lib.load(os.path.join(ROOT, 'configs', 'default.py') + ':smoke')
   config.update_from_flattened_dict(overrides)
-  return mt.save_run(str(tmp_path / 'source'), config, DATA)
+  return runs.save_run(str(tmp_path / 'source'), config, DATA)
 
 
 def test_init_from_loads_another_runs_full_net_and_cuts_it_at_once(tmp_path):
@@ -178,7 +177,7 @@ def test_init_from_loads_another_runs_full_net_and_cuts_it_at_once(tmp_path):
   source = source_workdir(tmp_path, **{'model.bn_mode': 'private_stats'})
   config = smoke_config(init_from=source, num_epochs=0.05, **{'pruning.full_epochs': 0.0})
   train.train_and_evaluate(config, str(tmp_path / 'pruned'))
-  saved, _ = mt.variables_at(source)
+  saved, _ = runs.variables_at(source)
   tag = models.depth_tag(FULL)
 
   def plain(tree):  # 'bn1_d3-3-3' -> 'bn1', other depths' norms dropped
@@ -192,10 +191,10 @@ def test_init_from_loads_another_runs_full_net_and_cuts_it_at_once(tmp_path):
       out[k] = plain(v) if isinstance(v, dict) else v
     return out
 
-  end, step = mt.variables_at(str(tmp_path / 'pruned'))
+  end, step = runs.variables_at(str(tmp_path / 'pruned'))
   assert step == 2
   for collection in ('params', 'batch_stats'):  # frozen from step 0
-    mt.assert_trees_equal(net(end[collection], FULL), plain(saved[collection]))
+    runs.assert_trees_equal(net(end[collection], FULL), plain(saved[collection]))
 
 
 @pytest.mark.parametrize('overrides, message', [

@@ -17,7 +17,7 @@ import pytest
 from ddnn_jax import config_lib, experiment, methods, models, train
 from ddnn_jax import mesh as mesh_lib
 from ddnn_jax.methods import indistill, nets
-from tests import method_testing as mt
+from tests import method_runs as runs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMOKE = os.path.join(ROOT, 'configs', 'indistill.py') + ':smoke'
@@ -37,7 +37,7 @@ def teacher(tmp_path_factory) -> str:
   """A finished run's workdir (an EKD DDNN, randomly initialised, at width 0.25)."""
   config = config_lib.load(os.path.join(ROOT, 'configs', 'default.py') + ':smoke')
   config.model.width_multiplier = 0.25
-  return mt.save_run(str(tmp_path_factory.mktemp('teacher')), config, DATA)
+  return runs.save_run(str(tmp_path_factory.mktemp('teacher')), config, DATA)
 
 
 # ------------------------------------------------------------------ the schedule
@@ -147,7 +147,7 @@ def test_l1_pruning_keeps_the_largest_filters_of_each_layer_and_stream():
   variables = random_variables(auxiliary, 0)
   target = nets.abstract_variables(student)['params']
   pruned = jax.jit(lambda v: indistill.l1_prune(v, target))(variables)  # as in the step
-  mt.assert_trees_equal(jax.device_get(pruned), numpy_prune(variables, target))
+  runs.assert_trees_equal(jax.device_get(pruned), numpy_prune(variables, target))
 
 
 def test_the_pruned_net_computes_the_auxiliary_with_the_dropped_filters_zeroed():
@@ -212,7 +212,7 @@ def expected_loss(exp, variables, b, phase: str) -> float:
   alpha, t = config.ekd.alpha, config.ekd.temperature
   if phase in ('auxiliary', 'final'):
     logits = auxiliary.logits if phase == 'auxiliary' else student.logits
-    return mt.numpy_ce(logits, labels) + alpha * mt.numpy_kd(teacher_logits, logits, t)
+    return runs.ce(logits, labels) + alpha * runs.kd(teacher_logits, logits, t)
   s = int(phase.removeprefix('stage'))
   diff = (np.asarray(student.features[s - 1], np.float64)
           - np.asarray(pruned.features[s - 1], np.float64))
@@ -246,7 +246,7 @@ def test_each_phase_has_its_loss_and_trains_only_its_net(teacher):
     assert int(metrics['train/phase']) == phase_number
     new = jax.device_get(state)
     if i == 2:
-      mt.assert_trees_equal({c: net(t, PRUNED) for c, t in new.variables.items()},
+      runs.assert_trees_equal({c: net(t, PRUNED) for c, t in new.variables.items()},
                             expected_pruned)
     trained = AUXILIARY if phase == 'auxiliary' else STUDENT
     for member in (STUDENT, PRUNED, AUXILIARY):
@@ -274,34 +274,33 @@ def smoke_run(teacher, tmp_path_factory):
 
 def test_the_smoke_run_goes_through_the_curriculum(smoke_run):
   workdir, _ = smoke_run
-  phase = mt.reporting_scalars(workdir, 'train/phase')
+  phase = runs.read_scalars(workdir, 'train/phase')
   assert phase == {1: 0, 2: 0, 3: 0, 4: 0, 5: 1, 6: 2, 7: 3, 8: 4, 9: 4}
   for tag, steps in (('train/auxiliary/kd', {1, 2, 3, 4}),
                      ('train/student/mse_stage2', {6}), ('train/student/kd', {8, 9})):
-    logged = mt.reporting_scalars(workdir, tag)
+    logged = runs.read_scalars(workdir, tag)
     assert {s for s, v in logged.items() if v != 0} == steps, tag
-  at_pruning, _ = mt.variables_at(workdir, 4)
-  end, _ = mt.variables_at(workdir)
+  at_pruning, _ = runs.variables_at(workdir, 4)
+  end, _ = runs.variables_at(workdir)
   target = nets.abstract_variables(resnet(0.125, (1, 1, 1)))['params']
   for collection in ('params', 'batch_stats'):
-    mt.assert_trees_equal(net(end[collection], AUXILIARY), net(at_pruning[collection],
+    runs.assert_trees_equal(net(end[collection], AUXILIARY), net(at_pruning[collection],
                                                                AUXILIARY))
   expected = numpy_prune({c: net(t, AUXILIARY) for c, t in at_pruning.items()}, target)
-  mt.assert_trees_equal({c: net(t, PRUNED) for c, t in end.items()}, expected)
+  runs.assert_trees_equal({c: net(t, PRUNED) for c, t in end.items()}, expected)
 
 
 def test_a_run_preempted_at_the_pruning_resumes_bit_identically(smoke_run, teacher,
-                                                                tmp_path, monkeypatch):
+                                                                tmp_path):
   workdir = str(tmp_path)
   # Step 4 is the auxiliary's last: the resumed run's first step prunes it.
-  mt.preempted_then_resumed(smoke_config(teacher_workdir=teacher, log_every_steps=1), workdir,
-                            4, monkeypatch)
-  mt.assert_trees_equal(mt.variables_at(workdir)[0], mt.variables_at(smoke_run[0])[0])
+  runs.interrupted_run(smoke_config(teacher_workdir=teacher, log_every_steps=1), workdir, 4)
+  runs.assert_same_variables(workdir, smoke_run[0])
 
 
 def test_evaluate_reports_the_student_by_name(smoke_run, capsys):
   workdir, metrics = smoke_run
-  assert mt.evaluate_cli('--workdir', workdir) == 0
+  assert runs.evaluate_cli('--workdir', workdir) == 0
   printed = capsys.readouterr().out
   assert '(indistill)' in printed and '| student |' in printed
   with open(os.path.join(workdir, 'eval_test.json')) as f:

@@ -36,8 +36,6 @@ full net.
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
@@ -48,13 +46,8 @@ from ddnn_jax.methods import base, nets
 
 def check_config(config: ml_collections.ConfigDict) -> None:
   """One-line ValueErrors for the fields this method reads."""
-  if config.get('pruning') is None:
-    raise ValueError("method 'depth_pruning' needs config.pruning; start from "
-                     'configs/depth_pruning.py or a config built on configs/base.py')
-  epochs = config.pruning.full_epochs
-  if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs >= 0):
-    raise ValueError(f'pruning.full_epochs={epochs!r} must be a number >= 0; pass e.g. '
-                     '--config.pruning.full_epochs=20 (0 with --config.init_from)')
+  base.setting(config, 'pruning.full_epochs', base.is_number(lambda v: v >= 0),
+               'a number >= 0 (0 with --config.init_from)', '20')
   if config.model.bn_mode != 'shared':
     raise ValueError(f"method 'depth_pruning' trains one net per depth, so "
                      f"model.bn_mode={config.model.bn_mode!r} means nothing; pass "

@@ -166,7 +166,7 @@ def l1_prune(variables: dict, target_params: dict) -> dict:
 
 def _kd_objective(member: tuple, alpha: float, temperature: float):
   """CE + alpha * T^2 KL(teacher || member); terms '<member>/ce', '<member>/kd'."""
-  index, tag = MEMBERS.index(member), models.depth_tag(member)
+  index, tag = MEMBERS.index(member), nets.member_name(member)
 
   def objective(outputs, labels, step, *, teacher_outputs):
     del step

@@ -107,10 +107,11 @@ def check_same_shapes(expected: dict, variables: dict, what: str, fix: str) -> N
                        f'{want.get(name)} here); {fix}')
 
 
-def read_run(workdir: str, num_classes: int, steps_per_epoch: int | None = None):
+def read_run(workdir: str, num_classes: int, steps_per_epoch: int | None = None,
+             conv_impl: str = 'xla'):
   """(method, variables on the host) of the latest checkpoint of the run in
-  `workdir`, its model built from its saved config.json; ValueError naming
-  config.init_from when there is none."""
+  `workdir`, its model built from its saved config.json (with this machine's
+  `conv_impl`); ValueError naming config.init_from when there is none."""
   from ddnn_jax import methods  # the registry, which imports this module
 
   where = f'config.init_from={workdir}'
@@ -120,6 +121,7 @@ def read_run(workdir: str, num_classes: int, steps_per_epoch: int | None = None)
   except (FileNotFoundError, checkpointing.UnreadableCheckpointError) as e:
     raise ValueError(f'{where}: {" ".join(str(e).split())}; pass the --workdir of a '
                      'finished run') from None
+  saved.model.conv_impl = conv_impl  # the kernels are this machine's choice
   method = methods.create_method(saved, num_classes, steps_per_epoch)
   check_same_shapes(abstract_variables(method.model, method.depths), variables, where,
                     'its config.json does not describe its checkpoint')
@@ -141,7 +143,8 @@ def full_net_variables(model: nn.Module, variables: dict) -> dict:
 def restore_full_net(config: ml_collections.ConfigDict, full: models.DDNNResNet,
                      num_classes: int, steps_per_epoch: int | None) -> dict:
   """The full net of the run in `config.init_from`, laid out as `full`."""
-  method, variables = read_run(config.init_from, num_classes, steps_per_epoch)
+  method, variables = read_run(config.init_from, num_classes, steps_per_epoch,
+                               config.model.get('conv_impl', 'xla'))
   variables = full_net_variables(method.model, variables)
   check_same_shapes(abstract_variables(full), variables,
                     f'config.init_from={config.init_from}',
