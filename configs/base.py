@@ -16,7 +16,8 @@ def get_config() -> ml_collections.ConfigDict:
   # What a training step computes, a method registered in ddnn_jax/methods/:
   # 'ekd' (all depths, full net teaches the others), 'joint_ce' (all depths,
   # cross-entropy only) or 'individual' (one depth trained as a standalone net);
-  # the comparison methods 'offline_kd', 'one' and 'mcod' (fields below).
+  # the comparison methods 'offline_kd', 'one', 'mcod', 'depth_pruning' and
+  # 'indistill' (fields below).
   config.method = 'ekd'
 
   config.model = ml_collections.ConfigDict()
@@ -65,6 +66,28 @@ def get_config() -> ml_collections.ConfigDict:
   config.mcod.weight_end = 1.0  # lambda from growth_epochs on
   config.mcod.growth_epochs = 30.0
   config.mcod.growth_levels = 4  # 'step': lambda takes this many equal steps
+
+  # Method 'depth_pruning' (ddnn_jax/methods/depth_pruning.py): the full net
+  # trains for full_epochs, then is cut to each of config.depths, and the cut
+  # nets fine-tune for the rest of num_epochs. init_from: the workdir of a
+  # finished run whose full net the run starts from ('': a fresh one);
+  # full_epochs = 0 then cuts that net at once.
+  config.init_from = ''
+  config.pruning = ml_collections.ConfigDict()
+  config.pruning.full_epochs = 20.0
+
+  # Method 'indistill' (ddnn_jax/methods/indistill.py): an auxiliary net
+  # aux_width times as wide as the student learns from the teacher in
+  # teacher_workdir (as offline_kd's) for aux_epochs, is L1-pruned to the
+  # student's width, the student matches its stage outputs one stage at a time
+  # (stages, stage_epochs each), then learns from the teacher's logits
+  # (CE + ekd.alpha * T^2 KL) for the rest of num_epochs.
+  config.indistill = ml_collections.ConfigDict()
+  config.indistill.student_depth = (1, 1, 1)  # blocks per stage of the student
+  config.indistill.aux_width = 2.0  # the auxiliary's width / the student's
+  config.indistill.aux_epochs = 10.0
+  config.indistill.stages = (1, 2, 3)  # the curriculum's layers (stage outputs), shallow first
+  config.indistill.stage_epochs = (3.0, 4.0, 5.0)  # epochs of each stage's phase
 
   # EKD as docs/RESULTS.md found it to work: the KL term, ramped up over the
   # first epoch, and no attention term (with METHODS.md's beta = 1 every

@@ -25,6 +25,7 @@ from ddnn_jax import (
   evaluate,
   experiment,
   input_pipeline,
+  methods,
   models,
   preemption,
   reporting,
@@ -80,20 +81,23 @@ def make_train_step(exp: experiment.Experiment):
     return loss, (terms, updates.get('batch_stats', batch_stats))
 
   def step(state: TrainState, batch, teacher_variables=None):
+    step_args = () if teacher is None else (teacher_variables,)
+    state = methods.apply_transitions(method, tx, state, step_args)  # between phases
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (loss, (terms, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch,
                                                        state.step, teacher_variables)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    new_state = methods.keep_frozen(method, tx, state.replace(
+        step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state),
+        state)
     metrics = {
         **{f'train/{k}': v for k, v in terms.items()},
         'train/loss': loss,
         'train/learning_rate': schedule(state.step),
         'train/grad_norm': optax.tree.norm(grads),
-        'train/param_norm': optax.tree.norm(params),
+        'train/param_norm': optax.tree.norm(new_state.params),
     }
-    new_state = state.replace(step=state.step + 1, params=params,
-                              batch_stats=batch_stats, opt_state=opt_state)
     finite = _all_finite((loss, grads, params, batch_stats))
     if skip_nonfinite:  # keep the old state, count the step
       new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,

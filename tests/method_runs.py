@@ -101,3 +101,43 @@ def _flat(tree, prefix=()) -> dict:
 def read_scalars(workdir: str, tag: str) -> dict[int, float]:
   """{step: value} of one scalar the trainer logged in `workdir`."""
   return reporting.read_scalars(workdir).get(tag, {})
+
+
+# ------------------------------------------------- checkpoints and workdirs
+
+
+def variables_at(workdir: str, step: int | None = None) -> tuple[dict, int]:
+  """({'params', 'batch_stats'} as nested dicts of NumPy arrays, step) of the
+  latest (or `step`'s) checkpoint in `workdir`."""
+  variables, step = checkpointing.read_variables(workdir, step)
+  return _numpy(variables), step
+
+
+def _numpy(tree):
+  if isinstance(tree, dict):
+    return {k: _numpy(v) for k, v in tree.items()}
+  return np.asarray(tree)
+
+
+def assert_trees_equal(a, b) -> None:
+  """Nested dicts with the same keys and bit-identical arrays."""
+  flat_a, flat_b = _flat(a), _flat(b)
+  assert flat_a.keys() == flat_b.keys(), (sorted(flat_a), sorted(flat_b))
+  for name, value in flat_a.items():
+    np.testing.assert_array_equal(value, flat_b[name], err_msg=name)
+
+
+def save_run(workdir: str, config, data, seed: int = 3) -> str:
+  """A workdir holding `config`'s (randomly initialised) state at step 0 and
+  its config.json: a finished run, as teacher_workdir and init_from read one."""
+  import jax
+
+  from ddnn_jax import experiment
+  from ddnn_jax import mesh as mesh_lib
+
+  exp = experiment.build(config, mesh_lib.create_mesh(), data)
+  manager = checkpointing.create_manager(workdir, async_save=False)
+  checkpointing.save(manager, 0, exp.init_state(jax.random.key(seed)))
+  manager.close()
+  train.save_config(config, workdir)
+  return workdir

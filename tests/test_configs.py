@@ -23,7 +23,8 @@ def load(name, arg=''):
 
 def test_all_configs_are_listed():
   assert CONFIGS == ['cifar10.py', 'cifar100.py', 'cifar10_folder.py', 'default.py',
-                     'imagenet.py', 'imagenet_r34.py', 'mcod.py', 'offline_kd.py', 'one.py']
+                     'depth_pruning.py', 'imagenet.py', 'imagenet_r34.py', 'indistill.py',
+                     'mcod.py', 'offline_kd.py', 'one.py']
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -132,9 +133,11 @@ def test_unknown_config_argument_is_rejected():
     load('cifar10.py', 'seed=2.5')
 
 
-# default.py: in test_train; offline_kd.py needs a teacher run: in test_method_offline_kd.
+# default.py: in test_train; offline_kd.py and indistill.py need a teacher run:
+# in test_method_offline_kd and test_method_indistill.
 @pytest.mark.parametrize('name', [c for c in CONFIGS if c not in ('default.py',
-                                                                  'offline_kd.py')])
+                                                                  'offline_kd.py',
+                                                                  'indistill.py')])
 def test_smoke_variant_trains(name, tmp_path):
   config = load(name, 'smoke')
   full = load(name)

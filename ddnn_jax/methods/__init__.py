@@ -7,19 +7,34 @@ the interface (`Method`, `Teacher`, objectives) and the helpers methods share.
 A new method is a new file here plus its import below.
 """
 
-from ddnn_jax.methods import ekd, individual, joint_ce, mcod, offline_kd, one  # noqa: F401, E402 -- they register
+from ddnn_jax.methods import (  # noqa: F401, E402 -- they register
+    depth_pruning,
+    ekd,
+    indistill,
+    individual,
+    joint_ce,
+    mcod,
+    offline_kd,
+    one,
+)
 from ddnn_jax.methods.base import (
     Builder,
     Method,
     Objective,
     Teacher,
+    Trainable,
+    Transition,
+    apply_transitions,
     create_method,
     create_model,
+    keep_frozen,
     names,
+    phase_index,
     phased,
     register,
     train_depths,
 )
 
-__all__ = ['Builder', 'Method', 'Objective', 'Teacher', 'create_method', 'create_model',
-           'names', 'phased', 'register', 'train_depths']
+__all__ = ['Builder', 'Method', 'Objective', 'Teacher', 'Trainable', 'Transition',
+           'apply_transitions', 'create_method', 'create_model', 'keep_frozen', 'names',
+           'phase_index', 'phased', 'register', 'train_depths']

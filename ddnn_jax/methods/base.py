@@ -15,14 +15,30 @@ What the interface carries:
   `member_name(member)` and `member_variables(variables, member)`
   (models.member_name: the depth tag without them), and `model.apply(
   variables, images, member)` gives one member's logits (FLOPs, img/s), as in
-  one.py and mcod.py;
+  one.py and mcod.py; `nets.Nets` holds standalone nets side by side, one
+  member each, with both hooks (depth_pruning, indistill);
 - a frozen teacher restored from another workdir: `Teacher(model, variables,
   depths)`; the train step runs it under stop_gradient and passes its outputs
   to the objective as `teacher_outputs`; its variables are a step argument
-  (replicated), never baked into the program as constants;
+  (replicated), never baked into the program as constants (with `depths=()`
+  nothing runs: the variables only reach the transitions, below);
 - multi-phase training: the objective receives the step, so its terms can
   change over epochs (`phased` switches between objectives at step bounds,
-  the KD ramp-up scales terms).
+  the KD ramp-up scales terms);
+- a change of the state between two phases (copy a trained net's weights
+  into another, prune one into a narrower one): `Method.transitions`, each a
+  `Transition(step, fn)`. The train step applies it to the state after `step`
+  steps, before its own update, inside the one jitted program (`lax.cond` on
+  the step), so a run resumed from any checkpoint applies it exactly when an
+  uninterrupted run does. `fn(variables, *step_args)` returns the top-level
+  nets it replaces, {'params': {net: ...}, 'batch_stats': {net: ...}}; their
+  optimizer state starts afresh (`tx.init` of the new values: zero momentum),
+  while the optimizer's step count, and with it the learning-rate schedule,
+  goes on;
+- nets that train in some phases only: `Method.trainable(step)` maps
+  top-level nets to a boolean; a net mapped to False keeps its parameters,
+  optimizer state and BatchNorm statistics through that step (no weight decay,
+  no momentum), a net not in the map trains.
 """
 
 from __future__ import annotations
@@ -30,18 +46,21 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import optax
 
 from ddnn_jax import losses, models
 
 # (outputs of forward_depths, labels, step, *, teacher_outputs=None) -> (loss, terms)
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+# step -> {top-level net: bool scalar}: which nets the step updates
+Trainable = Callable[[jax.Array], Mapping[str, jax.Array]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +72,13 @@ class Teacher:
 
 
 @dataclasses.dataclass(frozen=True)
+class Transition:
+  """A change of the train state between two phases (see the module docstring)."""
+  step: int  # applied to the state after `step` steps, before the next update
+  fn: Callable[..., dict]  # (variables, *step_args) -> the replaced nets
+
+
+@dataclasses.dataclass(frozen=True)
 class Method:
   model: nn.Module  # a DDNNResNet, or any module with the same forward_depths
   depths: tuple[Any, ...]  # every member a train step runs, the reference (full) last
@@ -60,6 +86,8 @@ class Method:
   ekd: losses.EKDConfig | None = None  # the KD settings the objective uses, if any
   rampup_steps: int = 0  # steps of the KD ramp-up (0: none)
   teacher: Teacher | None = None
+  transitions: tuple[Transition, ...] = ()  # applied in this order
+  trainable: Trainable | None = None  # None: every net trains in every step
 
 
 # (config, num_classes, steps_per_epoch or None) -> Method
@@ -162,7 +190,7 @@ def phased(*phases: tuple[int, Objective]) -> Objective:
             jnp.float32) for k in keys}
       return run
 
-    index = jnp.searchsorted(jnp.asarray(starts), step, side='right') - 1
+    index = phase_index(starts, step)
     loss, terms = jax.lax.switch(index, [padded(b, s) for b, s in zip(branches, shapes)],
                                  outputs)
     return loss, {**terms, 'phase': index}
@@ -205,3 +233,63 @@ def epochs_in_steps(epochs: float, steps_per_epoch: int | None) -> int:
   if not epochs or steps_per_epoch is None:
     return 0
   return max(1, round(epochs * steps_per_epoch))
+
+
+def phase_index(starts: Sequence[int], step: jax.Array) -> jax.Array:
+  """The index of the phase that `step` is in; phase i starts at `starts[i]`."""
+  return jnp.searchsorted(jnp.asarray(starts), step, side='right') - 1
+
+
+def _params_mask(tx: optax.GradientTransformation, opt_state, params,
+                 chosen: Mapping[str, jax.Array], other: bool):
+  """A boolean tree shaped like `opt_state`: `chosen[net]` on the leaves that
+  belong to a parameter of `net`; `other` on the rest (the step count, the
+  nets not in `chosen`)."""
+  def fill(tree, value):
+    return jax.tree.map(lambda _: jnp.asarray(value), tree)
+
+  per_param = {net: fill(tree, chosen.get(net, other)) for net, tree in params.items()}
+  return optax.tree_map_params(tx, lambda _, keep: keep, opt_state, per_param,
+                               transform_non_params=lambda _: jnp.asarray(other))
+
+
+def _where(mask, new, old):
+  return jax.tree.map(jnp.where, mask, new, old)
+
+
+def _select_nets(chosen: Mapping[str, jax.Array], new: dict, old: dict) -> dict:
+  """`new[net]` where `chosen[net]` (or net not in `chosen`), else `old[net]`."""
+  return {net: tree if net not in chosen else
+          jax.tree.map(lambda a, b, c=chosen[net]: jnp.where(c, a, b), tree, old[net])
+          for net, tree in new.items()}
+
+
+def apply_transitions(method: Method, tx: optax.GradientTransformation, state,
+                      step_args: tuple = ()):
+  """`state` (a TrainState) with each transition of `method` whose step is
+  `state.step` applied, in order; the train step calls it before its update."""
+  for transition in method.transitions:
+    def run(state, transition=transition):
+      written = transition.fn(state.variables, *step_args)
+      nets = written['params']
+      params = {**state.params, **nets}
+      batch_stats = {**state.batch_stats, **written.get('batch_stats', {})}
+      restart = _params_mask(tx, state.opt_state, params,
+                             {net: True for net in nets}, other=False)
+      opt_state = _where(restart, tx.init(params), state.opt_state)
+      return state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+
+    state = jax.lax.cond(state.step == transition.step, run, lambda s: s, state)
+  return state
+
+
+def keep_frozen(method: Method, tx: optax.GradientTransformation, new, old):
+  """`new` (the TrainState after an update) with the nets that
+  `method.trainable(old.step)` maps to False as they were in `old`."""
+  if method.trainable is None:
+    return new
+  chosen = method.trainable(old.step)
+  updated = _params_mask(tx, new.opt_state, new.params, chosen, other=True)
+  return new.replace(params=_select_nets(chosen, new.params, old.params),
+                     batch_stats=_select_nets(chosen, new.batch_stats, old.batch_stats),
+                     opt_state=_where(updated, new.opt_state, old.opt_state))
