@@ -14,6 +14,9 @@ uses both cores), each in OUT/<run name>:
   joint_ce_s{0,1}              DDNN, cross-entropy only (alpha = beta = 0)
   individual_d{1,2,3}_s{0,1}   each depth as a standalone ResNet-8/14/20
   ekd_paper_s0, ekd_kl_only_s0 one-seed EKD variants (--ablations, see ABLATIONS)
+  depth_pruning_s*, offline_kd_d{1,2}_s*, one_s*, mcod_s*, indistill_d1_s*
+                               the comparison methods (--comparison SEEDS; see
+                               comparison_runs), after the runs above
 
 Resumable: a run with OUT/<run>/DONE.json is skipped; an interrupted one
 resumes from its latest Orbax checkpoint (ddnn_jax.main does that by itself).
@@ -72,6 +75,34 @@ ABLATIONS = {
 DEFAULT_ABLATIONS = ('ekd_paper', 'ekd_kl_only')
 
 
+def comparison_runs(seed: int, out: str, epochs: float) -> list[Run]:
+  """The comparison methods (METHODS.md sections 3-4) at the study's recipe
+  and epochs, for `seed` (--comparison). A frozen teacher, or the full net to
+  prune, is that seed's individually trained ResNet-20 (individual_d3_s<seed>,
+  planned before these), so every method starts from the same full net."""
+  full = os.path.join(os.path.abspath(out), f'individual_d3_s{seed}')
+  runs = [
+      # Cut the trained full net to each depth; fine-tune the cuts for a third
+      # of the epochs at a tenth of the learning rate (cost: the full net's
+      # run plus this one).
+      Run(f'depth_pruning_s{seed}', {
+          'method': 'depth_pruning', 'seed': seed, 'init_from': full,
+          'pruning.full_epochs': 0.0, 'num_epochs': max(1.0, epochs / 3),
+          'optim.learning_rate': 0.01}),
+      *(Run(f'offline_kd_d{d[0]}_s{seed}', {
+          'method': 'offline_kd', 'seed': seed, 'teacher_workdir': full,
+          'individual_depth': d}) for d in DEPTHS[:-1]),
+      # ONE's ramp-up over the same share of training as its paper's 80 of 300 epochs.
+      Run(f'one_s{seed}', {'method': 'one', 'seed': seed,
+                           'one.rampup_epochs': round(epochs * 80 / 300, 2)}),
+      Run(f'mcod_s{seed}', {'method': 'mcod', 'seed': seed, 'mcod.growth_epochs': epochs}),
+      Run(f'indistill_d1_s{seed}', {
+          'method': 'indistill', 'seed': seed, 'teacher_workdir': full,
+          'indistill.student_depth': (1, 1, 1)}),
+  ]
+  return runs
+
+
 @dataclasses.dataclass(frozen=True)
 class Run:
   name: str
@@ -115,6 +146,8 @@ def plan(args: argparse.Namespace) -> list[Run]:
     runs.append(Run(f'{name}_s0', {'method': 'ekd', 'seed': 0, **ABLATIONS[name]}))
   for seed in range(1, args.seeds):
     runs += main_runs(seed)
+  for seed in range(min(args.comparison, args.seeds)):
+    runs += comparison_runs(seed, args.out, args.epochs)
   if args.only:
     wanted = set(args.only.split(','))
     unknown = wanted - {r.name for r in runs}
@@ -192,8 +225,9 @@ def recalibrate_command(workdir: str, num_batches: int) -> list[str]:
 
 def recalibrate(run: Run, workdir: str, num_batches: int, dry_run: bool) -> None:
   """Scores a finished DDNN run again with per-depth re-calibrated BN statistics
-  (eval_validation_bnrecal<N>.json), once; standalone nets need no such thing."""
-  if run.overrides.get('method') == 'individual' or num_batches <= 0:
+  (eval_validation_bnrecal<N>.json), once; standalone nets, and the comparison
+  methods' nets (one depth each), need no such thing."""
+  if run.overrides.get('method') not in ('ekd', 'joint_ce') or num_batches <= 0:
     return
   if os.path.exists(os.path.join(workdir, f'eval_validation_bnrecal{num_batches}.json')):
     return
@@ -261,6 +295,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--recalibrate-bn', type=int, default=20, metavar='N',
                       help='after each DDNN run, also score it with each depth\'s BN '
                       'statistics re-estimated on N training batches (0: skip)')
+  parser.add_argument('--comparison', type=int, default=0, metavar='SEEDS',
+                      help='also run the comparison methods (depth_pruning, offline_kd, '
+                      'one, mcod, indistill) for this many seeds, after the main runs')
   parser.add_argument('--only', help='comma-separated run names to run (default: all)')
   parser.add_argument('--dry-run', action='store_true', help='print the commands only')
   args = parser.parse_args(argv)

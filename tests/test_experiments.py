@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import REPO
 
+from ddnn_jax import config_lib
+
 
 def _load(name):
   spec = importlib.util.spec_from_file_location(name, REPO / 'experiments' / f'{name}.py')
@@ -60,6 +62,31 @@ def test_default_plan_is_the_reported_study(tmp_path):
   assert names[5:7] == ['ekd_paper_s0', 'ekd_kl_only_s0']
   assert len(names) == 12
   assert [r.name for r, _ in _plan(tmp_path, '--ablations', 'none')] == names[:5] + names[7:]
+
+
+def test_comparison_methods_follow_the_main_runs_and_start_from_their_seeds_full_net(
+    tmp_path):
+  runs = _plan(tmp_path, '--ablations', 'none', '--epochs', '30', '--comparison', '1')
+  names = [r.name for r, _ in runs]
+  assert names[10:] == ['depth_pruning_s0', 'offline_kd_d1_s0', 'offline_kd_d2_s0', 'one_s0',
+                        'mcod_s0', 'indistill_d1_s0']
+  by_name = {r.name: r.overrides for r, _ in runs}
+  full = str(tmp_path / 'out' / 'individual_d3_s0')
+  assert by_name['depth_pruning_s0']['init_from'] == full
+  assert by_name['depth_pruning_s0']['num_epochs'] == 10.0
+  assert by_name['offline_kd_d2_s0']['teacher_workdir'] == full
+  assert by_name['offline_kd_d2_s0']['individual_depth'] == (2, 2, 2)
+  assert by_name['indistill_d1_s0']['teacher_workdir'] == full
+  assert by_name['one_s0']['one.rampup_epochs'] == 8.0
+  # Every field a comparison run sets is a field of the driver's config.
+  config = config_lib.load(os.path.join(REPO, driver.CONFIG))
+  for name in names[10:]:
+    for key in by_name[name]:
+      *parents, leaf = key.split('.')
+      node = config
+      for part in parents:
+        node = node[part]
+      assert leaf in node, key
 
 
 def test_every_run_shares_one_recipe(tmp_path):
