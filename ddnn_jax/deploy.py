@@ -137,15 +137,13 @@ def standalone(run: Run, depth: Any, *, any_statistics: bool = False,
 def recalibrated(net: Net, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
                  num_batches: int, batch_size: int | None = None) -> Net:
   """`net` with its BatchNorm statistics re-estimated on `num_batches`
-  training batches of `batch_size` (default config.eval_batch_size, as
-  evaluate and release use), exactly as bn_calibration does for the DDNN."""
-  from ddnn_jax import bn_calibration, input_pipeline  # noqa: PLC0415 -- TensorFlow
+  training batches of `batch_size` (default config.eval_batch_size), the
+  batches and the estimate of `evaluate --recalibrate_bn` and release."""
+  from ddnn_jax import evaluate  # noqa: PLC0415 -- TensorFlow loads with the pipeline
 
-  batches = input_pipeline.train_batches(
-      config.data, global_batch_size=batch_size or config.eval_batch_size,
-      seed=config.seed)
-  variables = bn_calibration.recalibrate(net.model, net.variables, net.depth, batches,
-                                         mesh, num_batches)
+  (variables,) = evaluate.recalibrate_on_training_data(
+      config, net.model, net.variables, (net.depth,), mesh,
+      batch_size or config.eval_batch_size, num_batches)
   return dataclasses.replace(net, variables=jax.device_get(variables))
 
 

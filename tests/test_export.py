@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 from absl import flags
+from conftest import evaluate_cli, train_tiny_folder_run
 from PIL import Image
 
 from ddnn_jax import (
@@ -22,11 +23,9 @@ from ddnn_jax import (
   input_pipeline,
   models,
   release,
-  train,
 )
 from ddnn_jax import mesh as mesh_lib
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 DEPTH = (2, 2, 2)
 
 
@@ -42,19 +41,10 @@ def export_cli(*args) -> int:
 
 @pytest.fixture(scope='module')
 def trained(cifar_roots, tmp_path_factory):
-  """One epoch of cifar10_folder at width 1/8 on 250 real CIFAR-10 JPEGs (50
-  held out), and 20 other JPEGs as uint8 pixels."""
+  """A tiny trained run (conftest) and 20 other real JPEGs as uint8 pixels."""
   root, other = cifar_roots
   tmp = tmp_path_factory.mktemp('export')
-  workdir = str(tmp / 'run')
-  config = config_lib.load(str(ROOT / 'configs' / 'cifar10_folder.py'))
-  config.data.root = str(root)
-  config.data.validation_size = 50
-  config.data.data_dir = str(tmp / 'tfds')
-  config.model.width_multiplier = 0.125
-  config.update(dict(batch_size=50, eval_batch_size=50, num_epochs=1.0,
-                     log_every_steps=1, eval_every_epochs=1.0))
-  train.train_and_evaluate(config, workdir)
+  workdir = train_tiny_folder_run(root, str(tmp / 'run'))
   files = sorted(other.rglob('*.jpg'))[::5]
   images = np.stack([np.asarray(Image.open(f).convert('RGB')) for f in files])
   return workdir, images, tmp
@@ -143,9 +133,7 @@ def test_tflite_fp32_matches_and_int8_reports_its_drop(trained, reference, capsy
 
   # int8: the float top-1 it reports is the DDNN sub-net's after the same
   # re-calibration, as evaluate scores it on the 50 validation images.
-  values = flags.FlagValues()
-  evaluate.main(evaluate.parse_flags(
-      ['evaluate', '--workdir', workdir, '--recalibrate_bn', '2'], values), values)
+  assert evaluate_cli('--workdir', workdir, '--recalibrate_bn', '2') == 0
   with open(f'{workdir}/eval_validation_bnrecal2.json') as f:
     top1 = {tuple(r['depth']): r['top1'] for r in json.load(f)['depths']}
   quantized = tmp / 'model_int8.tflite'
