@@ -2,7 +2,7 @@
 
   python -m ddnn_jax.export --workdir DIR --depth 2,2,2 --format FORMAT --out PATH
       [--recalibrate_bn N] [--quantize int8] [--step S] [--batch_size B]
-      [--platforms cpu,cuda] [--config.FIELD=VALUE ...]
+      [--platforms cpu,cuda] [--nocompare_full] [--config.FIELD=VALUE ...]
 
 keeps the weights the depth uses (its standalone net, models.extract_subnet)
 with that depth's BatchNorm statistics: the run's (a 'private_stats' release
@@ -31,7 +31,9 @@ SavedModel and TFLite go through `jax.experimental.jax2tf.convert`: in jax
 that op, and the TFLite converter lowers it to TFLite builtins. The
 SavedModel runs on the `--platforms` it was lowered for (default cpu).
 The export computes in float32. PATH must be new; PATH/export.json (PATH.json
-beside a .tflite) records the source, the sizes and the int8 accuracy.
+beside a .tflite) records the source, the sizes and the int8 accuracy. The
+full net is written the same way to a temporary folder to report the export's
+size next to its size (`--nocompare_full` skips that).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import gc
 import itertools
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -228,9 +231,12 @@ def export(workdir: str, config: ml_collections.ConfigDict, *, depth: str | Sequ
            fmt: str, out: str, recalibrate_bn: int = 0, quantize: str = 'none',
            step: int | None = None, batch_size: int | None = None,
            platforms: Sequence[str] = ('cpu',), num_representative: int = 100,
-           split: str | None = None, eval_batches: int = 0) -> dict:
+           split: str | None = None, eval_batches: int = 0,
+           compare_full: bool = True) -> dict:
   """Writes depth `depth` of `workdir` to `out` in format `fmt`; returns the
-  record (also written as export.json) with the sizes and int8 accuracy."""
+  record (also written as export.json) with the sizes and int8 accuracy.
+  `compare_full`: also write the full net in format `fmt` (to a temporary
+  folder) to report the export's size next to the full net's."""
   if fmt not in FORMATS:
     raise ValueError(f'unknown format {fmt!r}; choose one of {", ".join(FORMATS)}')
   if quantize not in QUANTIZATIONS:
@@ -252,19 +258,29 @@ def export(workdir: str, config: ml_collections.ConfigDict, *, depth: str | Sequ
   net = deploy.standalone(run, depth, any_statistics=recalibrate_bn > 0, dtype=jnp.float32)
   if recalibrate_bn:
     net = deploy.recalibrated(net, config, mesh, recalibrate_bn, batch_size)
-  if fmt == 'checkpoint':
-    write_checkpoint(run, net, out, _class_names(config))
-  elif fmt == 'savedmodel':
-    write_savedmodel(net, config.data, out, platforms)
-  else:
-    representative = (representative_images(config, num_representative, batch_size)
-                      if quantize == 'int8' else None)
-    write_tflite(net, config.data, out, representative)
+  representative = (representative_images(config, num_representative, batch_size)
+                    if quantize == 'int8' else None)
+
+  def write(net: deploy.Net, out: str) -> int:
+    if fmt == 'checkpoint':
+      write_checkpoint(run, net, out, _class_names(config))
+    elif fmt == 'savedmodel':
+      write_savedmodel(net, config.data, out, platforms)
+    else:
+      write_tflite(net, config.data, out, representative)
+    return size_on_disk(out)
+
+  size = write(net, out)
   full = models.extract_subnet(run.variables, run.model.full_depth)
+  full_size = None
+  if compare_full:  # the full net written the same way, for its size alone
+    with tempfile.TemporaryDirectory() as tmp:
+      full_size = write(deploy.standalone(run, run.model.full_depth, dtype=jnp.float32),
+                        os.path.join(tmp, 'full'))
   record = {
       'source': os.path.abspath(workdir), 'step': run.step, 'depth': list(net.depth),
       'format': fmt, 'quantize': quantize, 'recalibrate_bn': recalibrate_bn,
-      'path': os.path.abspath(out), 'size_bytes': size_on_disk(out),
+      'path': os.path.abspath(out), 'size_bytes': size, 'full_size_bytes': full_size,
       'params': models.count_params(net.variables['params']),
       'variable_bytes': deploy.variable_bytes(net.variables),
       'full_depth': list(run.model.full_depth),
@@ -291,12 +307,16 @@ def summary(record: dict) -> str:
 
   depth, full = ','.join(map(str, record['depth'])), ','.join(map(str, record['full_depth']))
   kind = record['format'] + (' int8' if record['quantize'] == 'int8' else '')
+  size = f'{kb(record["size_bytes"])} on disk'
+  if record['full_size_bytes']:
+    size += (f', the full net {full} as {kind}: {kb(record["full_size_bytes"])} '
+             f'({record["size_bytes"] / record["full_size_bytes"]:.1%})')
   lines = [
       f'exported depth {depth} (step {record["step"]}) as {kind}: {record["path"]}',
-      f'  size on disk {kb(record["size_bytes"])}; weights {record["params"]:,} params '
-      f'({kb(record["variable_bytes"])} float32 with BN statistics) vs the full net '
-      f'{full}: {record["full_params"]:,} params ({kb(record["full_variable_bytes"])}), '
-      f'{record["variable_bytes"] / record["full_variable_bytes"]:.1%}']
+      f'  {size}',
+      f'  weights {record["params"]:,} params ({kb(record["variable_bytes"])} float32 with '
+      f'BN statistics), the full net {record["full_params"]:,} '
+      f'({kb(record["full_variable_bytes"])})']
   if 'int8' in record:
     q = record['int8']
     lines.append(f'  int8 top-1 {100 * q["top1_int8"]:.2f}% vs float {100 * q["top1_float"]:.2f}% '
@@ -326,6 +346,8 @@ def define_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) ->
                        'measured on (0: the whole split).', lower_bound=0, flag_values=values)
   flags.DEFINE_string('split', None, 'int8: the split scored (default: '
                       'config.data.eval_split).', flag_values=values)
+  flags.DEFINE_boolean('compare_full', True, 'Also write the full net the same way (in '
+                       'a temporary folder) to report its size.', flag_values=values)
   flags.DEFINE_list('platforms', ['cpu'], 'savedmodel: platforms the program is lowered '
                     f'for, from {", ".join(PLATFORMS)}.', flag_values=values)
   flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).',
@@ -354,7 +376,8 @@ def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
                     quantize=values.quantize, step=values.step,
                     batch_size=values.batch_size, platforms=values.platforms,
                     num_representative=values.representative_images,
-                    split=values.split, eval_batches=values.eval_batches)
+                    split=values.split, eval_batches=values.eval_batches,
+                    compare_full=values.compare_full)
   except (ValueError, FileNotFoundError, KeyError,
           checkpointing.UnreadableCheckpointError) as e:
     message = str(e)  # printed once the traceback's frames are gone
