@@ -17,7 +17,9 @@ statistics re-calibrated on --recalibrate_bn training batches, and is
 measured by: GFLOPs per image (XLA's cost analysis of the batch-1 forward,
 ddnn_jax.costs); latency on this machine (inference.make_forward on a batch of
 --batch validation images, the median of --timing_runs timed runs after two
-warm-up runs, with the run's convolutions); top-1 on the first --eval_batches
+warm-up runs, with the run's convolutions: on a CPU that other processes keep
+busy, oneDNN's OpenMP convolutions stall at their barriers and time erratically,
+and --config.model.conv_impl=xla times steadily); top-1 on the first --eval_batches
 batches of the validation split (0: all of it). The budget picks the cost
 axis. It prints the table and the choice and writes search.json and
 search_pareto.png into --out (default: the workdir). A budget that no
@@ -131,9 +133,9 @@ def plot_front(rows: Sequence[dict], front: Sequence[dict], best: dict, cost: st
              label='candidates')
   ax.plot([r[cost] for r in front], [100 * r['top1'] for r in front], 'o-', c='C0',
           label='Pareto front')
-  for r in front:
+  for r in rows:
     ax.annotate(_label(r['depth']), (r[cost], 100 * r['top1']), textcoords='offset points',
-                xytext=(4, -10), fontsize=7)
+                xytext=(4, -10), fontsize=7, color='k' if r in front else '0.5')
   ax.plot([best[cost]], [100 * best['top1']], '*', c='C3', ms=13, label='best in budget')
   ax.axvline(budget, ls='--', c='C3', lw=1, label='budget')
   ax.set_xlabel(axis)
@@ -211,7 +213,7 @@ def search(workdir: str, config: ml_collections.ConfigDict, *,
   target.mkdir(parents=True, exist_ok=True)
   (target / RESULT_FILE).write_text(json.dumps(result, indent=2) + '\n')
   title = (f'{config.model.name}, step {run.step}: top-1 on {examples} {result["split"]} '
-           f'images vs {cost}; budget {budget}')
+           f'images; budget {budget} {"GFLOPs" if cost == "gflops" else "ms"}')
   plot_front(rows, front, best, cost, budget, str(target / PLOT_FILE), title)
   result['table'] = format_table(rows, front, best, batch)
   return result
