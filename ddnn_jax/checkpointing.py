@@ -235,8 +235,10 @@ def read_variables(workdir: str, step: int | None = None) -> tuple[dict, int]:
       return {'params': state['params'], 'batch_stats': state['batch_stats']}
     # A target on this process's default device: the saving run's topology
     # (several processes or devices) may not exist here.
-    tree = ocp.StandardCheckpointer().metadata(
-        epath.Path(manager.directory) / str(step) / VARIABLES_ITEM).item_metadata
+    # The item's handler, not a StandardCheckpointer: that one looks for a
+    # step-level metadata file inside the item and warns that it is missing.
+    tree = ocp.StandardCheckpointHandler().metadata(
+        epath.Path(manager.directory) / str(step) / VARIABLES_ITEM)
     device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device), tree)

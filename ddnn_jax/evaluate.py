@@ -233,6 +233,14 @@ def define_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) ->
                        'on this many training batches first (outputs get a _bnrecalN '
                        'suffix); 0: no.', lower_bound=0, flag_values=values)
   flags.mark_flag_as_required('workdir', flag_values=values)
+  define_config_flag(argv, values)
+
+
+def define_config_flag(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
+  """--config on `values`: a config file, or by default the saved config.json
+  of `argv`'s --workdir, which --config.FIELD=VALUE overrides as it would a
+  file. Every entry point that reads a run (evaluate, export, search) uses it."""
+  argv = list(argv)
   help_string = ("Config file ('file.py' or 'file.py:arg'); default: the run's saved "
                  'config.json. --config.FIELD=VALUE overrides either.')
   workdir = _workdir(argv)
@@ -255,29 +263,31 @@ def _saved_config(argv: Sequence[str]) -> ml_collections.ConfigDict | None:
     return None
 
 
-def _exit_with_error(message: str) -> NoReturn:
+def exit_with_error(message: str) -> NoReturn:
   """One line on stderr and exit status 2, as ddnn_jax.main's flag errors."""
   print(f'error: {" ".join(message.split())}', file=sys.stderr)
   sys.exit(2)
 
 
-def parse_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> list[str]:
+def parse_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS,
+                define=define_flags) -> list[str]:
   """app.run's flags parser: defines the flags on `values` and parses `argv`.
 
   A bad flag, config file or override, or a workdir without config.json, is
-  one line `error: ...` and exit status 2.
+  one line `error: ...` and exit status 2. `define(argv, values)` defines the
+  flags (default: evaluate's; ddnn_jax.export and ddnn_jax.search pass theirs).
   """
   argv = list(argv)
   try:
-    define_flags(argv, values)
+    define(argv, values)
     rest = values(argv)
     values.config.get('method')  # a config file that failed to load raises here
   except FileNotFoundError as e:  # the workdir's config.json
-    _exit_with_error(str(e))
+    exit_with_error(str(e))
   except (flags.Error, OSError, AttributeError, KeyError, TypeError, ValueError) as e:
-    _exit_with_error(config_lib.describe_error(e, argv, _saved_config(argv)))
+    exit_with_error(config_lib.describe_error(e, argv, _saved_config(argv)))
   if rest[1:]:
-    _exit_with_error(f'unexpected arguments {rest[1:]}; every option is a --flag')
+    exit_with_error(f'unexpected arguments {rest[1:]}; every option is a --flag')
   return rest
 
 
@@ -297,7 +307,7 @@ def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
     message = str(e)  # printed once the traceback's frames are gone
   if message is not None:
     gc.collect()  # iterators left in reference cycles go now, not at exit
-    _exit_with_error(message)
+    exit_with_error(message)
 
 
 def _main_owning_the_process(argv: Sequence[str]) -> None:

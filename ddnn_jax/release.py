@@ -143,15 +143,21 @@ def release(workdir: str, out: str, *, recalibrate_bn: int = 0, step: int | None
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string('workdir', None, 'The trained run to release.')
-flags.DEFINE_string('out', None, 'A new folder for the release.')
-flags.DEFINE_integer('recalibrate_bn', 0, "Store each depth's BatchNorm statistics "
-                     're-estimated on this many training batches (0: as trained).',
-                     lower_bound=0)
-flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).', lower_bound=0)
-flags.DEFINE_integer('batch_size', None, 'Batch size of the re-calibration and the '
-                     'check (default: config.eval_batch_size).', lower_bound=1)
-flags.mark_flags_as_required(['workdir', 'out'])
+
+
+def define_flags() -> None:
+  """The command line's flags; defined when it runs, not at import, so that
+  another entry point (ddnn_jax.export) can import this module."""
+  flags.DEFINE_string('workdir', None, 'The trained run to release.')
+  flags.DEFINE_string('out', None, 'A new folder for the release.')
+  flags.DEFINE_integer('recalibrate_bn', 0, "Store each depth's BatchNorm statistics "
+                       're-estimated on this many training batches (0: as trained).',
+                       lower_bound=0)
+  flags.DEFINE_integer('step', None, 'Checkpoint step (default: the latest).',
+                       lower_bound=0)
+  flags.DEFINE_integer('batch_size', None, 'Batch size of the re-calibration and the '
+                       'check (default: config.eval_batch_size).', lower_bound=1)
+  flags.mark_flags_as_required(['workdir', 'out'])
 
 
 def main(argv: Sequence[str]) -> None:
@@ -172,4 +178,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
+  define_flags()
   app.run(main)

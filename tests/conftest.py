@@ -80,3 +80,20 @@ def evaluate_cli(*args: str) -> int:
   except SystemExit as e:
     return e.code
   return 0
+
+
+def train_tiny_folder_run(root, workdir: str) -> str:
+  """One epoch of cifar10_folder at width 1/8 on `root` (cifar_roots' ROOT:
+  250 training JPEGs, 50 held out as validation) in `workdir`, about 30 s on
+  two busy cores: a trained run for export and search to read."""
+  from ddnn_jax import config_lib, train  # noqa: PLC0415
+
+  config = config_lib.load(str(REPO / 'configs' / 'cifar10_folder.py'))
+  config.data.root = str(root)
+  config.data.validation_size = 50
+  config.data.data_dir = f'{workdir}_tfds'
+  config.model.width_multiplier = 0.125
+  config.update(dict(batch_size=50, eval_batch_size=50, num_epochs=1.0,
+                     log_every_steps=1, eval_every_epochs=1.0))
+  train.train_and_evaluate(config, workdir)
+  return workdir
