@@ -198,7 +198,7 @@ CASES = [
          workdir=None),
     # Names and ranges: refused by ddnn_jax/config_checks.py before anything else.
     Case('method_unknown', 'an unknown method', ('--config.method=distill',),
-         r"unknown method 'distill'; set --config\.method to one of ekd"),
+         r"unknown method 'distill'; set --config\.method to one of depth_pruning, ekd, "),
     Case('model_unknown', 'an unknown model preset', ('--config.model.name=resnet19',),
          r"unknown model\.name 'resnet19'; set --config\.model\.name to one of"),
     Case('bn_mode_unknown', 'an unknown BatchNorm mode', ('--config.model.bn_mode=private',),

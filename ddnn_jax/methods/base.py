@@ -106,8 +106,8 @@ def register(name: str) -> Callable[[Builder], Builder]:
 
 
 def names() -> tuple[str, ...]:
-  """The registered method names."""
-  return tuple(_REGISTRY)
+  """The registered method names, sorted."""
+  return tuple(sorted(_REGISTRY))
 
 
 def create_method(config: ml_collections.ConfigDict, num_classes: int,
