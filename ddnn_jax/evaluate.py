@@ -269,6 +269,23 @@ def exit_with_error(message: str) -> NoReturn:
   sys.exit(2)
 
 
+def run_or_exit(fn, *args, **kwargs):
+  """`fn(*args, **kwargs)` for a command line (evaluate, export, search,
+  release): TensorFlow sees no accelerator, and a user error (a bad value, a
+  missing file, an unreadable checkpoint) is one line `error: ...` and exit
+  status 2, printed once the traceback's frames are gone."""
+  from ddnn_jax import checkpointing, input_pipeline
+
+  input_pipeline.hide_accelerators_from_tf()  # before TF starts
+  try:
+    return fn(*args, **kwargs)
+  except (ValueError, FileNotFoundError, KeyError,
+          checkpointing.UnreadableCheckpointError) as e:
+    message = str(e)
+  gc.collect()  # iterators left in reference cycles go now, not at exit
+  exit_with_error(message)
+
+
 def parse_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS,
                 define=define_flags) -> list[str]:
   """app.run's flags parser: defines the flags on `values` and parses `argv`.
@@ -294,20 +311,9 @@ def parse_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS,
 def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
   """app.run's main: evaluates the run that the parsed `values` name."""
   del argv  # parse_flags let no positional argument through
-  from ddnn_jax import checkpointing, input_pipeline
-
-  input_pipeline.hide_accelerators_from_tf()  # before TF starts
-  message = None
-  try:
-    run(values.workdir, values.config, step=values.step, split=values.split,
-        root=values.root, batch_size=values.batch_size,
-        recalibrate_bn=values.recalibrate_bn)
-  except (ValueError, FileNotFoundError, KeyError,
-          checkpointing.UnreadableCheckpointError) as e:
-    message = str(e)  # printed once the traceback's frames are gone
-  if message is not None:
-    gc.collect()  # iterators left in reference cycles go now, not at exit
-    exit_with_error(message)
+  run_or_exit(run, values.workdir, values.config, step=values.step, split=values.split,
+              root=values.root, batch_size=values.batch_size,
+              recalibrate_bn=values.recalibrate_bn)
 
 
 def _main_owning_the_process(argv: Sequence[str]) -> None:

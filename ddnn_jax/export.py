@@ -38,7 +38,6 @@ size next to its size (`--nocompare_full` skips that).
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import os
@@ -366,24 +365,12 @@ def parse_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> 
 def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
   """app.run's main: exports what the parsed `values` ask for."""
   del argv  # parse_flags let no positional argument through
-  from ddnn_jax import checkpointing, input_pipeline  # noqa: PLC0415
-
-  input_pipeline.hide_accelerators_from_tf()  # before TF starts
-  message = None
-  try:
-    record = export(values.workdir, values.config, depth=values.depth, fmt=values.format,
-                    out=values.out, recalibrate_bn=values.recalibrate_bn,
-                    quantize=values.quantize, step=values.step,
-                    batch_size=values.batch_size, platforms=values.platforms,
-                    num_representative=values.representative_images,
-                    split=values.split, eval_batches=values.eval_batches,
-                    compare_full=values.compare_full)
-  except (ValueError, FileNotFoundError, KeyError,
-          checkpointing.UnreadableCheckpointError) as e:
-    message = str(e)  # printed once the traceback's frames are gone
-  if message is not None:
-    gc.collect()
-    evaluate.exit_with_error(message)
+  record = evaluate.run_or_exit(
+      export, values.workdir, values.config, depth=values.depth, fmt=values.format,
+      out=values.out, recalibrate_bn=values.recalibrate_bn, quantize=values.quantize,
+      step=values.step, batch_size=values.batch_size, platforms=values.platforms,
+      num_representative=values.representative_images, split=values.split,
+      eval_batches=values.eval_batches, compare_full=values.compare_full)
   print(summary(record))
 
 

@@ -28,7 +28,6 @@ import copy
 import json
 import os
 import shutil
-import sys
 import tempfile
 from collections.abc import Sequence
 
@@ -163,16 +162,12 @@ def define_flags() -> None:
 def main(argv: Sequence[str]) -> None:
   if argv[1:]:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  from ddnn_jax import checkpointing, input_pipeline  # noqa: PLC0415
+  from ddnn_jax import evaluate  # noqa: PLC0415
 
   runtime.configure_xla_flags()
-  input_pipeline.hide_accelerators_from_tf()
-  try:
-    record = release(FLAGS.workdir, FLAGS.out, recalibrate_bn=FLAGS.recalibrate_bn,
-                     step=FLAGS.step, batch_size=FLAGS.batch_size)
-  except (ValueError, FileNotFoundError, checkpointing.UnreadableCheckpointError) as e:
-    print(f'error: {" ".join(str(e).split())}', file=sys.stderr)
-    sys.exit(2)
+  record = evaluate.run_or_exit(release, FLAGS.workdir, FLAGS.out,
+                                recalibrate_bn=FLAGS.recalibrate_bn, step=FLAGS.step,
+                                batch_size=FLAGS.batch_size)
   logging.info('released %s', record)
   print(json.dumps(record, indent=2))
 

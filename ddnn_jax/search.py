@@ -28,7 +28,6 @@ candidate fits, like any bad input, is one line `error: ...` and exit 2.
 
 from __future__ import annotations
 
-import gc
 import itertools
 import json
 import statistics
@@ -269,23 +268,12 @@ def parse_flags(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> 
 def main(argv: Sequence[str], values: flags.FlagValues = flags.FLAGS) -> None:
   """app.run's main: searches the run that the parsed `values` name."""
   del argv  # parse_flags let no positional argument through
-  from ddnn_jax import checkpointing, input_pipeline  # noqa: PLC0415
-
-  input_pipeline.hide_accelerators_from_tf()  # before TF starts
-  message = None
-  try:
-    result = search(values.workdir, values.config, budget_gflops=values.budget_gflops,
-                    budget_ms=values.budget_ms, batch=values.batch,
-                    max_candidates=values.max_candidates, eval_batches=values.eval_batches,
-                    recalibrate_bn=values.recalibrate_bn, timing_runs=values.timing_runs,
-                    split=values.split, step=values.step, batch_size=values.batch_size,
-                    out=values.out)
-  except (ValueError, FileNotFoundError, KeyError,
-          checkpointing.UnreadableCheckpointError) as e:
-    message = str(e)  # printed once the traceback's frames are gone
-  if message is not None:
-    gc.collect()
-    evaluate.exit_with_error(message)
+  result = evaluate.run_or_exit(
+      search, values.workdir, values.config, budget_gflops=values.budget_gflops,
+      budget_ms=values.budget_ms, batch=values.batch, max_candidates=values.max_candidates,
+      eval_batches=values.eval_batches, recalibrate_bn=values.recalibrate_bn,
+      timing_runs=values.timing_runs, split=values.split, step=values.step,
+      batch_size=values.batch_size, out=values.out)
   print(summary(result))
 
 
