@@ -35,6 +35,14 @@ def get_config() -> ml_collections.ConfigDict:
   # Depth configs trained together (blocks per stage); the full depth is always
   # included and is the teacher.
   config.depths = ((1, 1, 1), (2, 2, 2), (3, 3, 3))
+  # Any-depth training (methods ekd, joint_ce; ddnn_jax/any_depth.py): each
+  # step also trains k depths drawn from the whole space (each stage 1..n
+  # blocks), keyed on (seed, step), besides the full net and the smallest of
+  # config.depths; 0: off. Each drawn depth compiles one program, drawn from a
+  # pool of at most max_programs depths. Needs model.bn_mode='shared'.
+  config.any_depth = ml_collections.ConfigDict()
+  config.any_depth.k = 0
+  config.any_depth.max_programs = 32
   # The one depth that method 'individual' trains as a standalone net.
   config.individual_depth = (3, 3, 3)
 

@@ -20,6 +20,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from ddnn_jax import (
+  any_depth,
   checkpointing,
   config_checks,
   evaluate,
@@ -60,12 +61,39 @@ def _event_write_error(error: asynclib.AsyncError, workdir: str) -> EventWriteEr
 def make_train_step(exp: experiment.Experiment):
   """Jitted (state, batch, *exp.step_args) -> (state, metrics); every member
   of the method (every depth) runs in this one step. `exp.step_args` holds a
-  frozen teacher's variables when the method has one, else nothing."""
-  method, tx, schedule, mesh = exp.method, exp.tx, exp.schedule, exp.mesh
+  frozen teacher's variables when the method has one, else nothing. A method
+  with any-depth training gets its sandwich step instead (any_depth.py), a
+  few programs per step behind the same call."""
+  method, mesh = exp.method, exp.mesh
+  if method.any_depth is not None:
+    return any_depth.SandwichStep(exp, make_loss_fn, make_update)
   model, depths, teacher = method.model, method.depths, method.teacher
-  skip_nonfinite = exp.config.get('skip_nonfinite_steps', False)
+  loss_fn = make_loss_fn(model, depths, method.objective, teacher)
+  update = make_update(exp)
 
-  def loss_fn(params, batch_stats, batch, step, teacher_variables):
+  def step(state: TrainState, batch, teacher_variables=None):
+    step_args = () if teacher is None else (teacher_variables,)
+    state = methods.apply_transitions(method, exp.tx, state, step_args)  # between phases
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (loss, (terms, batch_stats, _)), grads = grad_fn(
+        state.params, state.batch_stats, batch, state.step, teacher_variables)
+    return update(state, grads, batch_stats, loss, terms)
+
+  in_shardings = (exp.state_sharding, mesh_lib.batch_sharding(mesh))
+  if teacher is not None:
+    in_shardings += (mesh_lib.replicated(mesh),)
+  return jax.jit(step, in_shardings=in_shardings,
+                 out_shardings=(exp.state_sharding, mesh_lib.replicated(mesh)),
+                 donate_argnums=0)
+
+
+def make_loss_fn(model, depths, objective, teacher=None):
+  """(params, batch_stats, batch, step, teacher_variables) -> (loss, (terms,
+  new batch_stats, outputs)): `depths` of `model` in train mode, the
+  objective over their outputs (with a frozen teacher's, if any) and each
+  member's batch accuracy in `terms`."""
+
+  def loss_fn(params, batch_stats, batch, step, teacher_variables=None):
     outputs, updates = model.apply(
         {'params': params, 'batch_stats': batch_stats}, batch['image'], depths, True,
         method=model.forward_depths, mutable=['batch_stats'])
@@ -74,18 +102,24 @@ def make_train_step(exp: experiment.Experiment):
       extra['teacher_outputs'] = jax.lax.stop_gradient(teacher.model.apply(
           teacher_variables, batch['image'], teacher.depths, False,
           method=teacher.model.forward_depths))
-    loss, terms = method.objective(outputs, batch['label'], step, **extra)
+    loss, terms = objective(outputs, batch['label'], step, **extra)
     for depth, output in zip(depths, outputs):
       correct = jnp.argmax(output.logits, -1) == batch['label']
       terms[f'{models.member_name(model, depth)}/accuracy'] = correct.mean()
-    return loss, (terms, updates.get('batch_stats', batch_stats))
+    return loss, (terms, updates.get('batch_stats', batch_stats), outputs)
 
-  def step(state: TrainState, batch, teacher_variables=None):
-    step_args = () if teacher is None else (teacher_variables,)
-    state = methods.apply_transitions(method, tx, state, step_args)  # between phases
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (terms, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch,
-                                                       state.step, teacher_variables)
+  return loss_fn
+
+
+def make_update(exp: experiment.Experiment):
+  """(state, grads, batch_stats, loss, terms) -> (state, metrics), traced
+  inside a train step: the optimizer update of the nets that train this
+  step, the step's metrics, and (with config.skip_nonfinite_steps) the old
+  state kept when anything came out non-finite."""
+  method, tx, schedule = exp.method, exp.tx, exp.schedule
+  skip_nonfinite = exp.config.get('skip_nonfinite_steps', False)
+
+  def update(state: TrainState, grads, batch_stats, loss, terms):
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new_state = methods.keep_frozen(method, tx, state.replace(
@@ -105,12 +139,7 @@ def make_train_step(exp: experiment.Experiment):
     metrics['train/nonfinite'] = 1 - finite.astype(jnp.int32)
     return new_state, metrics
 
-  in_shardings = (exp.state_sharding, mesh_lib.batch_sharding(mesh))
-  if teacher is not None:
-    in_shardings += (mesh_lib.replicated(mesh),)
-  return jax.jit(step, in_shardings=in_shardings,
-                 out_shardings=(exp.state_sharding, mesh_lib.replicated(mesh)),
-                 donate_argnums=0)
+  return update
 
 
 def _all_finite(tree) -> jax.Array:
@@ -121,6 +150,8 @@ def _mean_metrics(values: list[dict]) -> dict[str, float]:
   """Means over the steps (host metrics) that were finite, and how many were not."""
   finite = [v for v in values if not v['train/nonfinite']] or values
   means = {k: float(np.mean([v[k] for v in finite])) for k in values[0]}
+  if 'train/any_depth_programs' in means:  # a count so far, not a mean
+    means['train/any_depth_programs'] = float(values[-1]['train/any_depth_programs'])
   means['train/nonfinite'] = float(sum(v['train/nonfinite'] for v in values))
   return means
 
@@ -324,6 +355,9 @@ def _train_loop(exp: experiment.Experiment, state: TrainState, train_step, manag
       eval_metrics = evaluate_and_log(state)
   if start_step >= exp.num_steps:
     eval_metrics = evaluate_and_log(state)
+  if isinstance(train_step, any_depth.SandwichStep):
+    logging.info('any-depth: %d tuple programs compiled in this process (at most %d)',
+                 train_step.programs, train_step.rule.max_programs)
   return state, eval_metrics
 
 
@@ -352,8 +386,13 @@ def _compile_steps(exp: experiment.Experiment, state: TrainState):
         input_pipeline.batch_spec(exp.data.image_size, batch_size, train=train), mesh)
 
   start = time.perf_counter()
-  train_step = make_train_step(exp).lower(state, spec(config.batch_size, True),
-                                          *exp.step_args).compile()
+  train_step = make_train_step(exp)
+  if isinstance(train_step, any_depth.SandwichStep):  # its tuple programs come later
+    logging.info(exp.method.any_depth.describe())
+    train_step = train_step.compile(state, spec(config.batch_size, True))
+  else:
+    train_step = train_step.lower(state, spec(config.batch_size, True),
+                                  *exp.step_args).compile()
   middle = time.perf_counter()
   eval_step = evaluate.make_eval_step(exp.model, exp.depths, mesh).lower(
       state.variables, spec(config.eval_batch_size, False)).compile()

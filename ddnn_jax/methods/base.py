@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddnn_jax import losses, models
+from ddnn_jax import any_depth, losses, models
 
 # (outputs of forward_depths, labels, step, *, teacher_outputs=None) -> (loss, terms)
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -88,6 +88,7 @@ class Method:
   teacher: Teacher | None = None
   transitions: tuple[Transition, ...] = ()  # applied in this order
   trainable: Trainable | None = None  # None: every net trains in every step
+  any_depth: any_depth.AnyDepth | None = None  # the sandwich rule (any_depth.py)
 
 
 # (config, num_classes, steps_per_epoch or None) -> Method
@@ -117,7 +118,14 @@ def create_method(config: ml_collections.ConfigDict, num_classes: int,
   if builder is None:
     raise ValueError(
         f'unknown method {config.method!r}; set --config.method to one of {names()}')
-  return builder(config, num_classes, steps_per_epoch)
+  method = builder(config, num_classes, steps_per_epoch)
+  k = config.get('any_depth', {}).get('k', 0)
+  if k and method.any_depth is None:
+    raise ValueError(
+        f'any_depth.k={k}: method {config.method!r} does not train the depths of one '
+        'DDNN; any-depth training needs --config.method=ekd or joint_ce, or pass '
+        '--config.any_depth.k=0')
+  return method
 
 
 def create_model(config: ml_collections.ConfigDict, num_classes: int,
@@ -139,6 +147,29 @@ def train_depths(config: ml_collections.ConfigDict,
     if depth not in depths and depth != model.full_depth:
       depths.append(depth)
   return (*depths, model.full_depth)
+
+
+def any_depth_rule(config: ml_collections.ConfigDict, model: models.DDNNResNet,
+                   depths: tuple[models.Depth, ...], ekd: losses.EKDConfig,
+                   ramp: int) -> any_depth.AnyDepth | None:
+  """The sandwich rule of `config.any_depth` for a DDNN trained at `depths`
+  with the EKD objective (`ekd`, ramp-up `ramp` steps); None when k is 0."""
+  if 'any_depth' not in config or not config.any_depth.get('k', 0):
+    return None
+  k = setting(config, 'any_depth.k', is_whole(0), 'a whole number >= 0', '2')
+  cap = setting(config, 'any_depth.max_programs', is_whole(1), 'a whole number >= 1', '32')
+  if config.model.bn_mode != 'shared':
+    raise ValueError(
+        f'any_depth.k={k} needs model.bn_mode=shared (per-depth BatchNorm would need '
+        'layers for every depth of the space); pass --config.model.bn_mode=shared and '
+        're-calibrate each depth after training (--recalibrate_bn)')
+  if not ekd.stop_gradient:
+    raise ValueError(
+        f'any_depth.k={k} needs ekd.stop_gradient=True (the sampled depths learn from '
+        'the full net\'s outputs, which get no gradient back); pass '
+        '--config.ekd.stop_gradient=True')
+  return any_depth.build(model.full_depth, depths, k, cap, config.seed,
+                         lambda ds: ekd_objective(model, ds, ekd, ramp))
 
 
 def rampup_steps(ekd: losses.EKDConfig, steps_per_epoch: int | None) -> int:

@@ -17,4 +17,5 @@ def build(config: ml_collections.ConfigDict, num_classes: int,
   depths = base.train_depths(config, model)
   ekd = losses.EKDConfig(**config.ekd.to_dict())
   ramp = base.rampup_steps(ekd, steps_per_epoch)
-  return base.Method(model, depths, base.ekd_objective(model, depths, ekd, ramp), ekd, ramp)
+  return base.Method(model, depths, base.ekd_objective(model, depths, ekd, ramp), ekd, ramp,
+                     any_depth=base.any_depth_rule(config, model, depths, ekd, ramp))

@@ -18,4 +18,5 @@ def build(config: ml_collections.ConfigDict, num_classes: int,
   depths = base.train_depths(config, model)
   ekd = dataclasses.replace(losses.EKDConfig(**config.ekd.to_dict()), alpha=0.0, beta=0.0,
                             student_ce=1.0, rampup_epochs=0.0)
-  return base.Method(model, depths, base.ekd_objective(model, depths, ekd, 0), ekd, 0)
+  return base.Method(model, depths, base.ekd_objective(model, depths, ekd, 0), ekd, 0,
+                     any_depth=base.any_depth_rule(config, model, depths, ekd, 0))
