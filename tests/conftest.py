@@ -67,19 +67,26 @@ def cifar_roots(tmp_path_factory):
   return base / 'ROOT', base / 'OTHER'
 
 
-def evaluate_cli(*args: str) -> int:
-  """Exit status of `python -m ddnn_jax.evaluate ARGS`'s flag parsing and main,
-  run in this process on fresh flags (without the process settings)."""
+def run_cli(module, *args: str) -> int:
+  """Exit status of `python -m ddnn_jax.<module> ARGS`'s flag parsing and
+  main (evaluate, export, search, release), run in this process on fresh
+  flags (without the process settings)."""
   from absl import flags  # noqa: PLC0415
 
-  from ddnn_jax import evaluate  # noqa: PLC0415
-
   values = flags.FlagValues()
+  name = module.__name__.rsplit('.', 1)[-1]
   try:
-    evaluate.main(evaluate.parse_flags(['evaluate', *args], values), values)
+    module.main(module.parse_flags([name, *args], values), values)
   except SystemExit as e:
     return e.code
   return 0
+
+
+def evaluate_cli(*args: str) -> int:
+  """Exit status of `python -m ddnn_jax.evaluate ARGS` (run_cli)."""
+  from ddnn_jax import evaluate  # noqa: PLC0415
+
+  return run_cli(evaluate, *args)
 
 
 def train_tiny_folder_run(root, workdir: str) -> str:

@@ -5,13 +5,13 @@ depth's re-calibrated BatchNorm statistics; int8 TFLite reports its top-1
 next to the float net's; bad input is one line and exit 2."""
 
 import json
+import os
 import pathlib
 
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from conftest import evaluate_cli, train_tiny_folder_run
+from conftest import evaluate_cli, run_cli, train_tiny_folder_run
 from PIL import Image
 
 from ddnn_jax import (
@@ -27,16 +27,11 @@ from ddnn_jax import (
 from ddnn_jax import mesh as mesh_lib
 
 DEPTH = (2, 2, 2)
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def export_cli(*args) -> int:
-  """Exit status of `python -m ddnn_jax.export ARGS`, run in this process."""
-  values = flags.FlagValues()
-  try:
-    export.main(export.parse_flags(['export', *args], values), values)
-  except SystemExit as e:
-    return e.code
-  return 0
+  return run_cli(export, *args)
 
 
 @pytest.fixture(scope='module')
@@ -187,3 +182,24 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, args, messa
   err = capsys.readouterr().err.strip().splitlines()
   assert err[-1].startswith('error: ') and message in err[-1], err[-1]
   assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('name', ['one', 'mcod'])
+def test_a_run_of_several_nets_is_refused_by_export_and_search(name, tmp_path, capsys):
+  from ddnn_jax import experiment, search, train  # noqa: PLC0415
+
+  config = config_lib.load(str(REPO / 'configs' / f'{name}.py') + ':smoke')
+  workdir = str(tmp_path / name)
+  exp = experiment.build(config, mesh_lib.create_mesh(), experiment.DataSpec(10, 8, 64))
+  train.save_config(config, workdir)
+  manager = checkpointing.create_manager(workdir)
+  checkpointing.save_variables(manager, 1, exp.init_state().variables)
+  manager.close()
+  out = str(tmp_path / 'out')
+  for module, args in ((export, ('--depth', '1,1,1', '--format', 'checkpoint', '--out', out)),
+                       (search, ('--budget_gflops', '1', '--out', out))):
+    assert run_cli(module, '--workdir', workdir, *args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('error: the checkpoint holds no depth-dynamic ResNet'), err[-1]
+    assert 'export and search ship depths of the ekd, joint_ce and individual' in err[-1]
+  assert not os.path.exists(out)

@@ -8,20 +8,13 @@ import json
 import os
 
 import pytest
-from absl import flags
-from conftest import evaluate_cli, train_tiny_folder_run
+from conftest import evaluate_cli, run_cli, train_tiny_folder_run
 
 from ddnn_jax import search
 
 
 def search_cli(*args) -> int:
-  """Exit status of `python -m ddnn_jax.search ARGS`, run in this process."""
-  values = flags.FlagValues()
-  try:
-    search.main(search.parse_flags(['search', *args], values), values)
-  except SystemExit as e:
-    return e.code
-  return 0
+  return run_cli(search, *args)
 
 
 def test_candidates_are_every_depth_or_a_spread_that_keeps_the_trained_ones():
