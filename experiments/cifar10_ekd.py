@@ -65,6 +65,10 @@ ABLATIONS = {
                    'ekd.student_ce': 0.0},
     'inplace_kd_ce': {'ekd.beta': 0.0, 'ekd.rampup_epochs': 0.0, 'ekd.temperature': 1.0},
     'ekd_no_stop_grad': {'ekd.stop_gradient': False},
+    # Any-depth training (ddnn_jax/any_depth.py): besides the full net and
+    # (1,1,1), 2 of the other 25 depths per step; `python -m ddnn_jax.search`
+    # over all 27 depths compares it with ekd_s0.
+    'ekd_any_depth': {'any_depth.k': 2},
     'ekd_bn_private_stats': {'model.bn_mode': 'private_stats'},
     'joint_ce_bn_private_stats': {'method': 'joint_ce', 'model.bn_mode': 'private_stats'},
 }

@@ -26,6 +26,21 @@ DEPTH_NAMES = {(1, 1, 1): 'ResNet-8 (1,1,1)', (2, 2, 2): 'ResNet-14 (2,2,2)',
                (3, 3, 3): 'ResNet-20 (3,3,3)'}
 
 
+# The comparison methods' groups (experiments/cifar10_ekd.py comparison_runs):
+# what each is, for the comparison table; their nets are named members
+# (branch1, a peer's preset, d1-1-1), not depths of one DDNN.
+COMPARISON = {
+    'depth_pruning': 'depth pruning (cut + fine-tune)',
+    'offline_kd_d1': 'offline KD, student (1,1,1)',
+    'offline_kd_d2': 'offline KD, student (2,2,2)',
+    'one': 'ONE (3 branches, gated ensemble)',
+    'mcod': 'MCOD (3 peers)',
+    'indistill_d1': 'InDistill, student (1,1,1)',
+}
+# Runs these methods start from (a frozen teacher or the net they prune).
+FROM_FULL_NET = ('depth_pruning', 'offline_kd_d1', 'offline_kd_d2', 'indistill_d1')
+
+
 def depth_name(depth) -> str:
   depth = tuple(depth)
   return DEPTH_NAMES.get(depth, str(depth))
@@ -94,7 +109,7 @@ def aggregate(runs: list[dict], key: str = 'eval') -> dict:
       lambda: collections.defaultdict(list)))
   costs = {}
   for run in runs:
-    if 'eval' not in run:
+    if 'eval' not in run or run['group'] in COMPARISON:
       continue
     group = run['group']
     result = run['eval'] if group == 'individual' else run.get(key)
@@ -146,6 +161,7 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
     lines += ['', 'The same after re-estimating each depth\'s BatchNorm statistics '
               '(`--recalibrate_bn`, see below; `individual` nets as trained):', '']
     lines += _main_table(recal, costs, depths)
+  lines += _comparison_table(runs, summary, recal, costs, depths)
   lines += _ablation_table(runs, summary, depths)
   lines += _agreement_table(summary, depths)
   lines += _recalibration_table(runs, depths)
@@ -153,8 +169,68 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
+def _cpu_hours(runs: list[dict], group: str) -> float | None:
+  """Mean CPU hours of a group's finished runs (one run per seed)."""
+  hours = [r['cpu_seconds'] / 3600 for r in runs
+           if r['group'] == group and 'eval' in r and 'cpu_seconds' in r]
+  return statistics.fmean(hours) if hours else None
+
+
+def compare_nets(runs: list[dict]) -> dict:
+  """(comparison group, net name) -> top1 mean/sd over seeds, params, flops."""
+  table = collections.defaultdict(list)
+  costs = {}
+  for run in runs:
+    if run['group'] in COMPARISON and 'eval' in run:
+      for row in run['eval']['depths']:
+        key = (run['group'], row.get('name') or depth_name(row['depth']))
+        table[key].append(row['top1'])
+        costs[key] = {'params': row.get('params'), 'flops': row.get('flops')}
+  return {key: {'top1': _mean_sd(values), **costs[key]} for key, values in table.items()}
+
+
+def _comparison_table(runs: list[dict], summary: dict, recal: dict, costs: dict,
+                      depths: list) -> list[str]:
+  """Every deployable net of every method: top-1, its size and its run's cost."""
+  nets = compare_nets(runs)
+  if not nets:
+    return []
+  lines = ['', 'Every method at the same recipe and epochs (comparison methods: '
+           '`--comparison`). One row per deployable net; ekd and joint_ce after '
+           'BatchNorm re-calibration. CPU hours: one run (one seed) of the method, '
+           'on this machine; `+ teacher`: the method also needs the individually '
+           'trained ResNet-20 it starts from (individual, 3,3,3 row).', '',
+           '| method | net | params | GFLOPs | top-1 | CPU hours per run |',
+           '|---|---|---|---|---|---|']
+
+  def row(method, net, cost, top1, hours, extra=''):
+    params = 'n/a' if cost.get('params') is None else f'{cost["params"]:,}'
+    flops = 'n/a' if cost.get('flops') is None else f'{cost["flops"] / 1e9:.4f}'
+    hours_text = 'n/a' if hours is None else f'{hours:.2f}{extra}'
+    lines.append(f'| {method} | {net} | {params} | {flops} | {_fmt(top1)} | {hours_text} |')
+
+  for group in ('ekd', 'joint_ce'):
+    source = recal.get(group) or summary.get(group)
+    for depth in depths if source else ():
+      row(group, depth_name(depth), costs[depth], source.get(depth, {}).get('top1'),
+          _cpu_hours(runs, group))
+  for depth in depths if 'individual' in summary else ():
+    hours = [r['cpu_seconds'] / 3600 for r in runs if 'eval' in r and 'cpu_seconds' in r
+             and r['name'].startswith(f'individual_d{depth[0]}_s')]
+    row('individual', depth_name(depth), costs[depth],
+        summary['individual'].get(depth, {}).get('top1'),
+        statistics.fmean(hours) if hours else None)
+  for group in COMPARISON:
+    for (g, net), cell in nets.items():
+      if g == group:
+        extra = ' + teacher' if group in FROM_FULL_NET else ''
+        row(COMPARISON[group], net, cell, cell['top1'], _cpu_hours(runs, group), extra)
+  return lines
+
+
 def _ablation_table(runs: list[dict], summary: dict, depths: list) -> list[str]:
-  ablations = [g for g in summary if g not in ('ekd', 'joint_ce', 'individual')]
+  ablations = [g for g in summary if g not in ('ekd', 'joint_ce', 'individual')
+               and g not in COMPARISON]
   if not ablations:
     return []
   groups = [g for g in ('ekd', 'joint_ce') if g in summary] + sorted(ablations)
@@ -237,12 +313,12 @@ def plot_curves(runs: list[dict], results: str) -> list[str]:
       steps_per_epoch = _steps_per_epoch(run)
       style = '-' if run['seed'] == 0 else '--'
       for tag, points in sorted(curves.items()):
-        m = re.fullmatch(r'eval/(d[\d-]+)/top1', tag)
+        m = re.fullmatch(r'eval/([^/]+)/top1', tag)
         epochs = [s / steps_per_epoch for s, _ in points]
         if m:
           ax_acc.plot(epochs, [v * 100 for _, v in points], style, marker='.',
                       label=f'{m[1]} s{run["seed"]}')
-        loss = re.fullmatch(r'train/(d[\d-]+)/ce', tag)
+        loss = re.fullmatch(r'train/([^/]+)/ce', tag)
         if loss:
           ax_loss.plot(epochs, [v for _, v in points], style,
                        label=f'{loss[1]} s{run["seed"]}')

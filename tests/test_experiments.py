@@ -259,6 +259,36 @@ def test_summary_averages_seeds_and_compares_with_individual(tmp_path):
   assert dump['summary']['individual']['1,1,1']['top1']['values'] == [0.5, 0.52]
 
 
+def test_summary_compares_every_deployable_net_of_every_method(tmp_path):
+  out = tmp_path / 'out'
+  d1, d3 = (1, 1, 1), (3, 3, 3)
+  _fake_run(out, 'ekd_s0', [(d1, 0.60), (d3, 0.80)])
+  for seed in (0, 1):
+    _fake_run(out, f'individual_d1_s{seed}', [(d1, 0.50)])
+    _fake_run(out, f'individual_d3_s{seed}', [(d3, 0.81)], seconds=90.0)
+    one = _fake_run(out, f'one_s{seed}', [((0,), 0.70 + seed / 100), ((1,), 0.69),
+                                         ((3,), 0.72)], seconds=180.0)
+    evaluation = json.loads((one / 'eval_validation.json').read_text())
+    for row, name in zip(evaluation['depths'], ('branch1', 'branch2', 'ensemble')):
+      row['name'] = name
+    (one / 'eval_validation.json').write_text(json.dumps(evaluation))
+  _fake_run(out, 'offline_kd_d1_s0', [(d1, 0.55)], seconds=36.0)
+  results = tmp_path / 'results'
+  summarize.main(['--out', str(out), '--results', str(results), '--no-curves'])
+  text = (results / 'cifar10_ekd.md').read_text()
+  # Member rows keep their names; seeds average; each run's CPU time (2x wall).
+  assert ('| ONE (3 branches, gated ensemble) | branch1 | 0 | 0.0000 | 70.50 ± 0.71 (n=2) '
+          '| 0.10 |') in text
+  assert ('| ONE (3 branches, gated ensemble) | ensemble | 3,000 | 0.0300 | 72.00 ± 0.00 (n=2) '
+          '| 0.10 |') in text
+  assert ('| offline KD, student (1,1,1) | ResNet-8 (1,1,1) | 3,000 | 0.0300 | 55.00 (n=1) '
+          '| 0.02 + teacher |') in text
+  assert '| individual | ResNet-20 (3,3,3) | 9,000 | 0.0900 | 81.00 ± 0.00 (n=2) | 0.05 |' in text
+  assert '| ekd | ResNet-8 (1,1,1) | 3,000 | 0.0300 | 60.00 (n=1) | 0.03 |' in text
+  # Members are not depths: the per-depth tables hold only the DDNN depths.
+  assert '(0,)' not in text and 'Ablations' not in text
+
+
 def test_summary_plots_curves_from_tensorboard_events(tmp_path):
   from clu import metric_writers
 
