@@ -5,7 +5,10 @@
 
 Builds the method, state and step exactly as training does (same mesh,
 shardings and donation), feeds one fixed random batch, and reports the median
-step time after the compile. Input-pipeline cost is not included.
+step time after the compile. Input-pipeline cost is not included. For
+any-depth training, `--set any_depth.k=2 --set any_depth.max_programs=2`
+draws the same two depths every step, so every program compiles in the
+first step and the median is the steady state.
 """
 
 import argparse
@@ -66,8 +69,13 @@ def main():
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   median = statistics.median(times)
+  depths = f'depths={list(method.depths)}'
+  if method.any_depth is not None:  # pool every draw compiled in the warm-up: max_programs <= k
+    rule = method.any_depth
+    depths = (f'any-depth {list(rule.base_depths)} + {rule.k} drawn of {len(rule.pool)} '
+              f'({step.programs} tuple programs compiled)')
   print(f'{config.model.name} x{config.model.width_multiplier} {config.method} '
-        f'depths={list(method.depths)} batch={args.batch_size} devices={jax.device_count()}: '
+        f'{depths} batch={args.batch_size} devices={jax.device_count()}: '
         f'{args.batch_size / median:.1f} img/s (median step {median * 1e3:.1f} ms, '
         f'first step incl. compile {compile_s:.1f} s, XLA_FLAGS={os.environ.get("XLA_FLAGS", "")!r})')
 
