@@ -407,6 +407,28 @@ def test_two_processes_match_one_process(tmp_path, two_process_run):
   np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=0, atol=1e-5)
 
 
+def test_any_depth_training_on_two_processes_matches_one_process(tmp_path):
+  # Every process draws the same depths from (seed, step), so both run the
+  # same programs in the same order: no process waits on a program the
+  # other never runs, and the sums match one process's. The order of the
+  # cross-device sums differs, and the smoke run's dynamics grow that
+  # round-off from 1e-6 to 1e-4 (relative) by step 9 (width 0.5; 2e-4 at the
+  # smoke width), so the first steps are compared tightly and the rest loosely.
+  any_depth = (*EQUAL_RUN, '--config.any_depth.k=2', '--config.any_depth.max_programs=3',
+               '--config.model.width_multiplier=0.5')
+  single = run_worker(tmp_path / 'single', *any_depth, devices=4)
+  outputs = run_two_processes(tmp_path / 'multi', *any_depth)
+  compiled = [re.findall(r'any-depth: compiling the program of (d[\d-]+)', out)
+              for out in (single, *outputs)]
+  assert len(compiled[0]) == 3 and compiled[0] == compiled[1] == compiled[2], compiled
+  a = scalars(str(tmp_path / 'single'), 'train/loss')
+  b = scalars(str(tmp_path / 'multi'), 'train/loss')
+  assert sorted(a) == sorted(b) == list(range(1, 10))
+  np.testing.assert_allclose([a[s] for s in range(1, 6)], [b[s] for s in range(1, 6)],
+                             rtol=0, atol=1e-5)
+  np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=5e-4)
+
+
 def test_sigterm_to_one_of_two_processes_saves_one_step_on_both_and_resumes_exactly(
     tmp_path, two_process_run):
   # JAX's preemption sync point: the coordination service tells both processes
