@@ -51,6 +51,15 @@ from ddnn_jax import models
 _POOL, _DRAW = 0x706F6F6C, 0x64726177  # separate the two streams of one seed
 
 
+def switch_off(config) -> None:
+  """Sets `config.any_depth.k = 0` (where the field exists): for a config
+  that no longer trains a DDNN's depths (a release, an exported single depth,
+  the full net alone), which evaluate must build without the rule."""
+  if 'any_depth' in config:
+    with config.unlocked():
+      config.any_depth.k = 0
+
+
 def depth_space(stage_sizes: Sequence[int]) -> tuple[models.Depth, ...]:
   """Every depth of a net with `stage_sizes`: each stage 1..n blocks."""
   return tuple(itertools.product(*(range(1, n + 1) for n in stage_sizes)))

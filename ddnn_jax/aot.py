@@ -15,7 +15,10 @@ per step (XLA's cost analysis of the partitioned program, i.e. one chip's
 share), and a projected step time and throughput at a stated fraction of the
 chip's peak bf16 FLOP/s. It also compiles the train step of the full net alone
 (method 'individual' at the full depth, same batch) to put the method's cost
-next to it.
+next to it. With any-depth training (`any_depth.k > 0`) the train step here is
+the sandwich step's base program (the full net and the smallest depth); each
+drawn depth runs in a smaller program of its own (ddnn_jax/any_depth.py), so
+memory is the base's and FLOPs per step are a lower bound.
 
 Topologies: libtpu names (`v5e:16x16`, `v4:2x2x4`, `v5p:2x2x1`, `v6e:4x4`) or
 Cloud TPU accelerator types (`v4-32`, `v5litepod-256`, `v5p-8`, `v6e-16`).
@@ -42,6 +45,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from ddnn_jax import (
+  any_depth,
   aot_report,
   batch_search,
   evaluate,
@@ -154,6 +158,7 @@ def full_net_alone(config):
   with alone.unlocked():
     alone.method = 'individual'
     alone.individual_depth = models.create_model(config.model.name, 2).full_depth
+  any_depth.switch_off(alone)
   return alone
 
 

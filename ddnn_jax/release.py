@@ -37,7 +37,7 @@ from absl import app, flags, logging
 from etils import epath
 from flax import traverse_util
 
-from ddnn_jax import config_lib, models, runtime
+from ddnn_jax import any_depth, config_lib, models, runtime
 from ddnn_jax import mesh as mesh_lib
 
 RELEASE_FILE = 'release.json'
@@ -73,6 +73,7 @@ def released_config(config: ml_collections.ConfigDict, class_names: Sequence[str
     config.data.class_names = tuple(class_names)
   if per_depth_bn:
     config.model.bn_mode = 'private_stats'
+  any_depth.switch_off(config)  # a release trains nothing
   return config
 
 

@@ -7,7 +7,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import evaluate_cli  # noqa: F401 -- the method tests call runs.evaluate_cli
+from conftest import evaluate_cli, run_cli  # noqa: F401 -- the method tests call runs.*_cli
 
 from ddnn_jax import checkpointing, config_lib, reporting, train
 

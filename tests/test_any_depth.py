@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 
 from configs import default
-from ddnn_jax import any_depth, experiment, losses, train
+from ddnn_jax import any_depth, config_lib, experiment, export, losses, release, train
 from ddnn_jax import mesh as mesh_lib
 
 NUM_CLASSES = 10
@@ -103,12 +103,24 @@ def test_one_sandwich_step_is_the_update_of_one_program_over_the_same_depths(met
   assert metrics['train/sampled_blocks'] == np.mean([sum(d) for d in depths[1:-1]])
 
 
-def test_an_interrupted_run_resumes_exactly_with_a_bounded_program_count(tmp_path):
+def _smoke_any_depth():
   config = default.get_config('smoke')
   config.update_from_flattened_dict({'any_depth.k': 2, 'any_depth.max_programs': 3})
-  full_run = str(tmp_path / 'full')
-  train.train_and_evaluate(config, full_run)
-  runs.interrupted_run(config, str(tmp_path / 'resumed'), stop_at=4)
+  return config
+
+
+@pytest.fixture(scope='module')
+def any_depth_run(tmp_path_factory):
+  """The smoke config trained with any-depth training: its workdir."""
+  workdir = str(tmp_path_factory.mktemp('any_depth') / 'run')
+  train.train_and_evaluate(_smoke_any_depth(), workdir)
+  return workdir
+
+
+def test_an_interrupted_run_resumes_exactly_with_a_bounded_program_count(any_depth_run,
+                                                                         tmp_path):
+  full_run = any_depth_run
+  runs.interrupted_run(_smoke_any_depth(), str(tmp_path / 'resumed'), stop_at=4)
   runs.assert_same_variables(full_run, str(tmp_path / 'resumed'))
   # The programs compiled: the distinct depths drawn, never more than the pool.
   programs = runs.read_scalars(full_run, 'train/any_depth_programs')
@@ -116,3 +128,15 @@ def test_an_interrupted_run_resumes_exactly_with_a_bounded_program_count(tmp_pat
   drawn = {d for s in range(last) for d in rule(max_programs=3).sample(s)}
   assert programs[last] == len(drawn) <= 3
   assert all(v <= 3 for v in programs.values())
+
+
+def test_a_release_and_an_export_of_the_run_evaluate_without_the_rule(any_depth_run, tmp_path):
+  # Neither trains: their configs switch any-depth training off, so evaluate
+  # builds them (a release's per-depth BatchNorm would otherwise be refused).
+  released, exported = str(tmp_path / 'release'), str(tmp_path / 'export')
+  release.release(any_depth_run, released, recalibrate_bn=2)
+  assert runs.run_cli(export, '--workdir', any_depth_run, '--depth', '2,3,1', '--format',
+                      'checkpoint', '--out', exported, '--recalibrate_bn', '2') == 0
+  for workdir in (released, exported):
+    assert config_lib.load_saved(workdir).any_depth.k == 0
+    assert runs.evaluate_cli('--workdir', workdir) == 0
