@@ -158,6 +158,14 @@ class SandwichStep:
     """Tuple programs compiled so far (at most `rule.max_programs`)."""
     return len(self._programs)
 
+  def summary(self) -> dict:
+    """What the run's report says of the rule and the programs compiled."""
+    rule = self.rule
+    return {'k': rule.k, 'base': [list(d) for d in rule.base_depths],
+            'pool': len(rule.pool), 'space': rule.space_size,
+            'max_programs': rule.max_programs,
+            'programs_compiled_by_this_process': self.programs}
+
   def lower(self, state, batch):
     """The base program lowered (ahead-of-time analysis: aot.py)."""
     return self._base_jit.lower(state, batch)

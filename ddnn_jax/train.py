@@ -305,10 +305,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.warning('%s: saved step %d and stopped; rerun the same command to resume',
                     preempt.signal_name, int(state.step))
     return {}
+  extra = None
+  if isinstance(train_step, any_depth.SandwichStep):
+    logging.info('any-depth: %d tuple programs compiled in this process (at most %d)',
+                 train_step.programs, train_step.rule.max_programs)
+    extra = {'any_depth': train_step.summary()}
   # The report a user reads: json, Markdown table and plot in the workdir.
   reporting.report(workdir, config, exp.model, state.variables, exp.depths,
                    eval_metrics, step=int(state.step), label=config.data.eval_split,
-                   sample_images=next(iter(_eval_batches(config)))['image'], mesh=mesh)
+                   sample_images=next(iter(_eval_batches(config)))['image'], mesh=mesh,
+                   extra=extra)
   return eval_metrics
 
 
@@ -355,9 +361,6 @@ def _train_loop(exp: experiment.Experiment, state: TrainState, train_step, manag
       eval_metrics = evaluate_and_log(state)
   if start_step >= exp.num_steps:
     eval_metrics = evaluate_and_log(state)
-  if isinstance(train_step, any_depth.SandwichStep):
-    logging.info('any-depth: %d tuple programs compiled in this process (at most %d)',
-                 train_step.programs, train_step.rule.max_programs)
   return state, eval_metrics
 
 

@@ -2,6 +2,8 @@
 step), the sandwich step against one program over the same depths, an exact
 resume, and the bounded number of compiled programs."""
 
+import json
+
 import jax
 import method_runs as runs
 import numpy as np
@@ -128,6 +130,10 @@ def test_an_interrupted_run_resumes_exactly_with_a_bounded_program_count(any_dep
   drawn = {d for s in range(last) for d in rule(max_programs=3).sample(s)}
   assert programs[last] == len(drawn) <= 3
   assert all(v <= 3 for v in programs.values())
+  with open(f'{full_run}/eval_test.json') as f:
+    assert json.load(f)['any_depth'] == {
+        'k': 2, 'base': [[1, 1, 1], [3, 3, 3]], 'pool': 3, 'space': 27, 'max_programs': 3,
+        'programs_compiled_by_this_process': len(drawn)}
 
 
 def test_a_release_and_an_export_of_the_run_evaluate_without_the_rule(any_depth_run, tmp_path):
