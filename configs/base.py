@@ -108,6 +108,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.ekd.stages = 'all'  # or 'last'
   config.ekd.stop_gradient = True  # the teacher learns from cross-entropy only
   config.ekd.student_ce = 1.0  # weight of the sub-nets' own cross-entropy
+  config.ekd.full_ce = 1.0  # weight of the full net's cross-entropy
   config.ekd.rampup_epochs = 1.0  # sigmoid ramp-up of alpha and beta (0: none)
 
   config.data = datasets.data_config('digits')

@@ -35,6 +35,7 @@ _RANGES: dict[str, tuple[Any, str, str]] = {
     'ekd.alpha': (lambda v: v >= 0, '>= 0', '1.0'),
     'ekd.beta': (lambda v: v >= 0, '>= 0', '0.0'),
     'ekd.student_ce': (lambda v: v >= 0, '>= 0', '1.0'),
+    'ekd.full_ce': (lambda v: v >= 0, '>= 0', '1.0'),
     'ekd.rampup_epochs': (lambda v: v >= 0, '>= 0', '1.0'),
 }
 # Fields that count something: whole numbers >= 1.

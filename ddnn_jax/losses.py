@@ -2,12 +2,12 @@
 
 For labels y, full-net logits z_f and sub-net logits z_k:
 
-  L = CE(z_f, y) + sum_k [ gamma * CE(z_k, y)
+  L = phi * CE(z_f, y) + sum_k [ gamma * CE(z_k, y)
                           + r(t) * alpha * T^2 * KL(softmax(z_f / T) || softmax(z_k / T))
                           + r(t) * beta * sum_{s in S} D(A(F_k^s), A(F_f^s)) ]
 
-where A is an attention map of a stage's output, D its distance, gamma the
-sub-nets' CE weight (`student_ce`; 0 with T = 1 and beta = 0 is the in-place
+where A is an attention map of a stage's output, D its distance, phi the full
+net's CE weight (`full_ce`), gamma the sub-nets' CE weight (`student_ce`; 0 with T = 1 and beta = 0 is the in-place
 distillation of weight-shared sub-nets) and r(t) the sigmoid ramp-up of the
 KD terms over the first `rampup_epochs` (1 without one). Every term is
 computed in float32 and reported per depth.
@@ -41,6 +41,7 @@ class EKDConfig:
   stages: str = 'all'  # one of STAGE_SETS
   stop_gradient: bool = True  # the teacher's logits and maps get no gradient
   student_ce: float = 1.0  # weight of the sub-nets' own cross-entropy
+  full_ce: float = 1.0  # weight of the full net's (the teacher's) cross-entropy
   rampup_epochs: float = 0.0  # sigmoid ramp-up of the KD terms (0: none)
 
   def __post_init__(self):
@@ -51,7 +52,7 @@ class EKDConfig:
       raise ValueError(f'unknown stages {self.stages!r}; choose one of {STAGE_SETS}')
     if not self.temperature > 0:
       raise ValueError(f'temperature must be > 0, got {self.temperature}')
-    for name in ('alpha', 'beta', 'student_ce', 'rampup_epochs'):
+    for name in ('alpha', 'beta', 'student_ce', 'full_ce', 'rampup_epochs'):
       value = getattr(self, name)
       if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f'{name} must be a finite number >= 0, got {value}')
@@ -150,6 +151,8 @@ def ekd_loss(outputs: Sequence[models.DepthOutput], depths: Sequence[models.Dept
     loss = ce
     if depth != teacher_depth and config.student_ce != 1.0:
       loss = config.student_ce * ce
+    if depth == teacher_depth and config.full_ce != 1.0:
+      loss = config.full_ce * ce
     if depth != teacher_depth:
       kl = kl_divergence(teacher_logits, output.logits, config.temperature)
       at = jnp.zeros((), jnp.float32)

@@ -70,6 +70,11 @@ ABLATIONS = {
     # over all 27 depths compares it with ekd_s0.
     'ekd_any_depth': {'any_depth.k': 2},
     'ekd_bn_private_stats': {'model.bn_mode': 'private_stats'},
+    # Against the full net's drag (docs/RESULTS.md, depth_diagnostics.py): the
+    # full net's CE counted twice, or each depth with its own BN scale and bias
+    # (and statistics), so the shared head need not see one feature scale.
+    'ekd_full_ce2': {'ekd.full_ce': 2.0},
+    'ekd_bn_private_all': {'model.bn_mode': 'private_all'},
     'joint_ce_bn_private_stats': {'method': 'joint_ce', 'model.bn_mode': 'private_stats'},
 }
 

@@ -62,7 +62,7 @@ def np_attention_distance(student, teacher, kind):
 
 
 def np_ekd(outputs, depths, labels, teacher_depth, alpha, beta, t, kind, stages,
-           student_ce=1.0, kd_scale=1.0):
+           student_ce=1.0, kd_scale=1.0, full_ce=1.0):
   """Reference total and terms, written from METHODS.md section 2."""
   depths = [tuple(d) for d in depths]
   teacher = outputs[depths.index(tuple(teacher_depth))]
@@ -73,7 +73,7 @@ def np_ekd(outputs, depths, labels, teacher_depth, alpha, beta, t, kind, stages,
     tag = 'd' + '-'.join(str(k) for k in depth)
     ce = np_cross_entropy(out.logits, labels)
     terms[f'{tag}/ce'] = ce
-    loss = ce
+    loss = full_ce * ce
     if depth != tuple(teacher_depth):
       kl = np_kl(teacher.logits, out.logits, t)
       at = 0.0
@@ -529,6 +529,21 @@ def test_ekd_loss_student_ce_and_kd_scale_match_reference(student_ce, kd_scale):
                              rtol=RTOL, atol=ATOL)
 
 
+@pytest.mark.parametrize('full_ce', [0.0, 2.0])
+def test_ekd_loss_full_ce_weights_only_the_full_net_as_the_reference(full_ce):
+  outputs, labels = _random_outputs(3)
+  config = losses.EKDConfig(alpha=0.7, beta=1.3, temperature=2.0, full_ce=full_ce)
+  total, terms = losses.ekd_loss(_to_jax(outputs), DEPTHS, jnp.asarray(labels), TEACHER,
+                                 config, kd_scale=0.5)
+  want_total, want_terms = np_ekd(outputs, DEPTHS, labels, TEACHER, 0.7, 1.3, 2.0,
+                                  'zscore_sum', 'all', 1.0, 0.5, full_ce)
+  for key, want in want_terms.items():
+    np.testing.assert_allclose(float(terms[key]), want, rtol=RTOL, atol=ATOL, err_msg=key)
+  np.testing.assert_allclose(float(total), want_total, rtol=RTOL, atol=ATOL)
+  np.testing.assert_allclose(float(terms['d3-3-3/loss']), full_ce * want_terms['d3-3-3/ce'],
+                             rtol=RTOL, atol=ATOL)
+
+
 def test_sigmoid_rampup_values():
   steps = jnp.array([0, 25, 50, 100, 150])
   got = np.asarray(jax.vmap(lambda s: losses.sigmoid_rampup(s, 100))(steps))
@@ -569,7 +584,7 @@ def test_method_ramps_kd_terms_with_the_step():
     dict(attention='nope'), dict(attention='ZSCORE_SUM'), dict(stages='x'),
     dict(stages='first'), dict(temperature=0), dict(temperature=0.0),
     dict(temperature=-1.0), dict(temperature=float('nan')), dict(alpha=-0.1),
-    dict(beta=float('nan')), dict(alpha=float('inf')), dict(student_ce=-1.0),
+    dict(beta=float('nan')), dict(alpha=float('inf')), dict(student_ce=-1.0), dict(full_ce=-0.5),
     dict(rampup_epochs=-2.0), dict(rampup_epochs=float('nan'))])
 def test_bad_config_raises(kwargs):
   with pytest.raises(ValueError, match=next(iter(kwargs))):
