@@ -84,12 +84,27 @@ ABLATIONS = {
 DEFAULT_ABLATIONS = ('ekd_paper', 'ekd_kl_only')
 
 
-def comparison_runs(seed: int, out: str, epochs: float) -> list[Run]:
+def full_net_run(seed: int, out: str, released: str | None) -> str:
+  """Where seed's individually trained ResNet-20 is read from: its run in OUT,
+  or its release in `released` when OUT holds only its records (restored by
+  experiments/study_records.py after the run folder was lost)."""
+  name = f'individual_d3_s{seed}'
+  run = os.path.join(os.path.abspath(out), name)
+  release = os.path.join(os.path.abspath(released), name) if released else None
+  if (release and not os.path.isdir(os.path.join(run, 'checkpoints'))
+      and os.path.isdir(os.path.join(release, 'checkpoints'))):
+    return release
+  return run
+
+
+def comparison_runs(seed: int, out: str, epochs: float,
+                    released: str | None = None) -> list[Run]:
   """The comparison methods (METHODS.md sections 3-4) at the study's recipe
   and epochs, for `seed` (--comparison). A frozen teacher, or the full net to
   prune, is that seed's individually trained ResNet-20 (individual_d3_s<seed>,
-  planned before these), so every method starts from the same full net."""
-  full = os.path.join(os.path.abspath(out), f'individual_d3_s{seed}')
+  planned before these; see full_net_run), so every method starts from the
+  same full net."""
+  full = full_net_run(seed, out, released)
   runs = [
       # Cut the trained full net to each depth; fine-tune the cuts for a third
       # of the epochs at a tenth of the learning rate (cost: the full net's
@@ -156,7 +171,7 @@ def plan(args: argparse.Namespace) -> list[Run]:
   for seed in range(1, args.seeds):
     runs += main_runs(seed)
   for seed in range(min(args.comparison, args.seeds)):
-    runs += comparison_runs(seed, args.out, args.epochs)
+    runs += comparison_runs(seed, args.out, args.epochs, args.released)
   if args.only:
     wanted = set(args.only.split(','))
     unknown = wanted - {r.name for r in runs}
@@ -307,6 +322,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--comparison', type=int, default=0, metavar='SEEDS',
                       help='also run the comparison methods (depth_pruning, offline_kd, '
                       'one, mcod, indistill) for this many seeds, after the main runs')
+  parser.add_argument('--released', default=os.path.join(REPO, 'docs', 'models', 'study30'),
+                      help='released runs (python -m ddnn_jax.release): a comparison run '
+                      'reads its full net from here when OUT lost that run\'s checkpoints')
   parser.add_argument('--only', help='comma-separated run names to run (default: all)')
   parser.add_argument('--dry-run', action='store_true', help='print the commands only')
   args = parser.parse_args(argv)

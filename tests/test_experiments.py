@@ -66,7 +66,8 @@ def test_default_plan_is_the_reported_study(tmp_path):
 
 def test_comparison_methods_follow_the_main_runs_and_start_from_their_seeds_full_net(
     tmp_path):
-  runs = _plan(tmp_path, '--ablations', 'none', '--epochs', '30', '--comparison', '1')
+  runs = _plan(tmp_path, '--ablations', 'none', '--epochs', '30', '--comparison', '1',
+               '--released', str(tmp_path / 'no_releases'))
   names = [r.name for r, _ in runs]
   assert names[10:] == ['depth_pruning_s0', 'offline_kd_d1_s0', 'offline_kd_d2_s0', 'one_s0',
                         'mcod_s0', 'indistill_d1_s0']
@@ -87,6 +88,18 @@ def test_comparison_methods_follow_the_main_runs_and_start_from_their_seeds_full
       for part in parents:
         node = node[part]
       assert leaf in node, key
+
+
+def test_comparison_runs_read_a_released_full_net_when_out_lost_its_checkpoints(tmp_path):
+  out, released = tmp_path / 'out', tmp_path / 'released'
+  (released / 'individual_d3_s0' / 'checkpoints').mkdir(parents=True)
+  (out / 'individual_d3_s0').mkdir(parents=True)  # records only
+  assert driver.full_net_run(0, str(out), str(released)) == str(
+      released / 'individual_d3_s0')
+  (out / 'individual_d3_s0' / 'checkpoints').mkdir()  # the run itself wins
+  assert driver.full_net_run(0, str(out), str(released)) == str(out / 'individual_d3_s0')
+  # Seed 1 was never released: the run in OUT, trained before it is needed.
+  assert driver.full_net_run(1, str(out), str(released)) == str(out / 'individual_d3_s1')
 
 
 def test_every_run_shares_one_recipe(tmp_path):
