@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The 30-epoch CIFAR-10 study of docs/RESULTS.md (issue 15), resumable: run it
+# again after any interruption, on this machine or a new one. It runs the
+# driver from a git worktree pinned at PIN (later commits cannot change a run
+# half-way), first restores the records of runs finished earlier
+# (experiments/study_records.py), skips finished runs, resumes an unfinished
+# one from its checkpoints, and saves finished runs' records into the repo
+# (docs/results/study30/runs) after each step. Log: OUT/driver.log.
+#
+#   setsid nohup bash experiments/study30.sh >/dev/null 2>&1 &
+set -u
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PIN=${PIN:-001f067}
+OUT=${OUT:-/tmp/ddnn_study30}
+ROOT=${ROOT:-$(cd "$REPO/.." && pwd)/shared/datasets/cifar10-jpeg-train.tar}
+RECORDS=$REPO/docs/results/study30/runs
+WT=${WT:-/tmp/wt_study30_$PIN}
+[ -d "$WT" ] || git -C "$REPO" worktree add --detach "$WT" "$PIN" || exit 1
+mkdir -p "$OUT"
+cd "$WT" || exit 1
+records() { python experiments/study_records.py "$1" --out "$OUT" --records "$RECORDS"; }
+drive() {  # drive ABLATIONS RUNS
+  nice -n 5 python experiments/cifar10_ekd.py --root "$ROOT" --out "$OUT" --epochs 30 \
+    --width 0.5 --seeds 3 --ablations "$1" --only "$2"
+  local rc=$?
+  records save
+  return $rc
+}
+{
+  echo "=== start $(date -u) from $WT"
+  records restore &&
+  drive ekd_full_ce2 ekd_full_ce2_s0 &&
+  drive none individual_d1_s1,individual_d2_s1,individual_d3_s1 &&
+  drive ekd_bn_private_all ekd_bn_private_all_s0 &&
+  drive none joint_ce_s1 &&
+  drive none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2
+} >> "$OUT/driver.log" 2>&1
