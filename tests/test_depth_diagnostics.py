@@ -1,0 +1,29 @@
+"""experiments/depth_diagnostics.py: residual-branch ratios per block."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from test_experiments import _load
+
+from ddnn_jax import models
+
+diagnostics = _load('depth_diagnostics')
+
+
+def test_residual_ratios_name_the_blocks_a_depth_runs_and_see_a_silent_branch():
+  model = models.create_model('cifar_resnet20', 10, width_multiplier=0.25,
+                              zero_init_residual=True)
+  images = jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
+  variables = models.init_variables(model, jax.random.key(0), images)
+  # Zero-initialised last BatchNorm scale (and zero bias): every branch adds 0.
+  ratios = diagnostics.residual_ratios(model, variables, (2, 1, 3), images)
+  assert list(ratios) == ['stage1_block0', 'stage1_block1', 'stage2_block0',
+                          'stage3_block0', 'stage3_block1', 'stage3_block2']
+  assert all(v == 0.0 for v in ratios.values())
+  # Wake one block's branch: only its ratio moves, and it is a positive ratio of norms.
+  params = jax.tree_util.tree_map(lambda x: x, variables['params'])
+  bn2 = params['stage3_block1']['bn2']
+  params['stage3_block1']['bn2'] = {**bn2, 'scale': jnp.ones_like(bn2['scale'])}
+  woken = diagnostics.residual_ratios(model, {**variables, 'params': params}, (2, 1, 3), images)
+  assert woken['stage3_block1'] > 0.1
+  assert all(v == 0.0 for k, v in woken.items() if k != 'stage3_block1')
