@@ -7,10 +7,11 @@ For labels y, full-net logits z_f and sub-net logits z_k:
                           + r(t) * beta * sum_{s in S} D(A(F_k^s), A(F_f^s)) ]
 
 where A is an attention map of a stage's output, D its distance, phi the full
-net's CE weight (`full_ce`), gamma the sub-nets' CE weight (`student_ce`; 0 with T = 1 and beta = 0 is the in-place
-distillation of weight-shared sub-nets) and r(t) the sigmoid ramp-up of the
-KD terms over the first `rampup_epochs` (1 without one). Every term is
-computed in float32 and reported per depth.
+net's CE weight (`full_ce`), gamma the sub-nets' CE weight (`student_ce`; 0
+with T = 1 and beta = 0 is the in-place distillation of weight-shared
+sub-nets) and r(t) the sigmoid ramp-up of the KD terms over the first
+`rampup_epochs` (1 without one). Every term is computed in float32 and
+reported per depth.
 """
 
 from __future__ import annotations
@@ -148,11 +149,8 @@ def ekd_loss(outputs: Sequence[models.DepthOutput], depths: Sequence[models.Dept
     tag = models.depth_tag(depth)
     ce = cross_entropy(output.logits, labels)
     terms[f'{tag}/ce'] = ce
-    loss = ce
-    if depth != teacher_depth and config.student_ce != 1.0:
-      loss = config.student_ce * ce
-    if depth == teacher_depth and config.full_ce != 1.0:
-      loss = config.full_ce * ce
+    weight = config.full_ce if depth == teacher_depth else config.student_ce
+    loss = ce if weight == 1.0 else weight * ce
     if depth != teacher_depth:
       kl = kl_divergence(teacher_logits, output.logits, config.temperature)
       at = jnp.zeros((), jnp.float32)

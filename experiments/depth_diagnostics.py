@@ -26,6 +26,7 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from ddnn_jax import runtime  # noqa: E402
 
@@ -33,21 +34,10 @@ runtime.configure_xla_flags()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from feature_stats import first_examples  # noqa: E402  -- experiments/feature_stats.py
 
-from ddnn_jax import config_lib, evaluate, input_pipeline, losses, models  # noqa: E402
+from ddnn_jax import config_lib, evaluate, inference, input_pipeline, losses, models  # noqa: E402
 from ddnn_jax import mesh as mesh_lib  # noqa: E402
-
-
-def _images(config, split: str, count: int) -> tuple[np.ndarray, np.ndarray]:
-  images, labels, seen = [], [], 0
-  for batch in input_pipeline.eval_batches(config.data, split=split, global_batch_size=500):
-    images.append(batch['image'][batch['mask']])
-    labels.append(batch['label'][batch['mask']])
-    seen += int(batch['mask'].sum())
-    if seen >= count:
-      break
-  return np.concatenate(images)[:count], np.concatenate(labels)[:count]
 
 
 def _norm(x: jax.Array) -> jax.Array:
@@ -74,11 +64,12 @@ def residual_ratios(model, variables, depth, images) -> dict[str, float]:
   return ratios
 
 
-def depth_report(model, variables, depth, train, validation) -> dict:
+def depth_report(model, variables, depth, train, validation, mesh) -> dict:
   row = {'depth': list(depth)}
+  forward = inference.make_forward(model, depth, mesh)
   for name, (images, labels) in (('train', train), ('validation', validation)):
-    logits = jnp.concatenate([model.apply(variables, images[i:i + 1000], depth, False)
-                              for i in range(0, len(images), 1000)])
+    logits = jnp.concatenate([forward(variables, images[i:i + 500])
+                              for i in range(0, len(images), 500)])
     row[f'{name}_ce'] = float(losses.cross_entropy(logits, labels))
     row[f'{name}_top1'] = float((jnp.argmax(logits, -1) == labels).mean())
   row['ce_gap'] = row['validation_ce'] - row['train_ce']
@@ -105,10 +96,10 @@ def main(argv: list[str] | None = None) -> None:
     config.data.root = os.path.abspath(args.root)
     method, variables, _ = evaluate.restore(workdir, config, mesh)
     variables = jax.device_get(variables)
-    train = _images(config, config.data.train_split, args.images)
-    validation = _images(config, config.data.eval_split, args.images)
+    train = first_examples(config.data, args.images, config.data.train_split)
+    validation = first_examples(config.data, args.images)
     name = os.path.basename(os.path.normpath(workdir))
-    rows = [depth_report(method.model, variables, tuple(d), train, validation)
+    rows = [depth_report(method.model, variables, tuple(d), train, validation, mesh)
             for d in method.depths]
     everything[name] = rows
     for r in rows:

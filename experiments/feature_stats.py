@@ -35,6 +35,20 @@ from ddnn_jax import config_lib, evaluate, input_pipeline, losses, models  # noq
 from ddnn_jax import mesh as mesh_lib  # noqa: E402
 
 
+def first_examples(data, count: int, split: str | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+  """The first `count` images and labels of `split` (default data.eval_split),
+  with evaluation preprocessing."""
+  images, labels, seen = [], [], 0
+  for batch in input_pipeline.eval_batches(data, split=split, global_batch_size=500):
+    images.append(batch['image'][batch['mask']])
+    labels.append(batch['label'][batch['mask']])
+    seen += int(batch['mask'].sum())
+    if seen >= count:
+      break
+  return np.concatenate(images)[:count], np.concatenate(labels)[:count]
+
+
 def stage_statistics(model, variables, depths, images) -> dict:
   """{depth tag: [{'stage', 'spatial_cv', 'zscore_distance', 'zero_fraction'}]}."""
   outputs = model.apply(variables, images, tuple(depths), False, method=model.forward_depths)
@@ -70,13 +84,7 @@ def main(argv: list[str] | None = None) -> None:
   for workdir in args.workdirs:
     config = config_lib.load_saved(workdir)
     method, variables, _ = evaluate.restore(workdir, config, mesh)
-    chunks, seen = [], 0
-    for batch in input_pipeline.eval_batches(config.data, global_batch_size=500):
-      chunks.append(batch['image'][batch['mask']])
-      seen += int(batch['mask'].sum())
-      if seen >= args.images:
-        break
-    images = np.concatenate(chunks)[:args.images]
+    images, _ = first_examples(config.data, args.images)
     stats = stage_statistics(method.model, jax.device_get(variables), method.depths,
                              images)
     name = os.path.basename(os.path.normpath(workdir))
