@@ -142,7 +142,7 @@ def _tuples(value):
 
 
 def load_saved(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run saved in `workdir` (train.save_config)."""
+  """The config a training run saved in `workdir` (workdir_lib.save_config)."""
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     raise FileNotFoundError(

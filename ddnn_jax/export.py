@@ -96,14 +96,15 @@ def tf_module(net: deploy.Net, data: ml_collections.ConfigDict,
 def write_checkpoint(run: deploy.Run, net: deploy.Net, out: str,
                      class_names: Sequence[str] | None) -> None:
   """`out` as a run directory of the standalone net of `net.depth`."""
-  from ddnn_jax import checkpointing, release, train  # noqa: PLC0415
+  from ddnn_jax import checkpointing, release  # noqa: PLC0415
+  from ddnn_jax import workdir as workdir_lib  # noqa: PLC0415
 
   config = release.released_config(run.config, class_names, per_depth_bn=False)
   config.model.bn_mode = 'shared'
   config.method = 'individual'
   config.individual_depth = net.depth
   config.depths = (net.depth,)
-  train.save_config(config, out)
+  workdir_lib.save_config(config, out)
   manager = checkpointing.create_manager(out, keep=1, async_save=False)
   checkpointing.save_variables(manager, run.step, net.variables)
   manager.close()

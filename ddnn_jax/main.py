@@ -32,6 +32,7 @@ runtime.configure_xla_flags()
 import jax  # noqa: E402  -- after XLA_FLAGS
 
 from ddnn_jax import checkpointing, input_pipeline, onednn_conv, train  # noqa: E402
+from ddnn_jax import workdir as workdir_lib  # noqa: E402
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and eval results.')
@@ -165,7 +166,7 @@ def _train() -> tuple[int, str] | None:
   TensorFlow then has nothing to complain about at interpreter exit."""
   try:
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (ValueError, FileNotFoundError, train.WorkdirError,
+  except (ValueError, FileNotFoundError, workdir_lib.WorkdirError,
           checkpointing.UnreadableCheckpointError) as e:
     if FLAGS.verbose:
       raise

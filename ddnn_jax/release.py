@@ -85,8 +85,8 @@ def release(workdir: str, out: str, *, recalibrate_bn: int = 0, step: int | None
       evaluate,
       experiment,
       input_pipeline,
-      train,
   )
+  from ddnn_jax import workdir as workdir_lib  # noqa: PLC0415
 
   if epath.Path(out).exists() and any(epath.Path(out).iterdir()):
     raise ValueError(f'--out {out} is not empty; pass a new folder')
@@ -115,7 +115,7 @@ def release(workdir: str, out: str, *, recalibrate_bn: int = 0, step: int | None
     (variables,) = evaluate.recalibrate_on_training_data(
         config, model, variables, depths, mesh, batch_size, recalibrate_bn)
   variables = jax.device_get(variables)
-  train.save_config(new_config, out)
+  workdir_lib.save_config(new_config, out)
   manager = checkpointing.create_manager(out, keep=1, async_save=False)
   checkpointing.save_variables(manager, step, variables)
   manager.close()

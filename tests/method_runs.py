@@ -10,6 +10,7 @@ import pytest
 from conftest import evaluate_cli, run_cli  # noqa: F401 -- the method tests call runs.*_cli
 
 from ddnn_jax import checkpointing, config_lib, reporting, train
+from ddnn_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -139,5 +140,5 @@ def save_run(workdir: str, config, data, seed: int = 3) -> str:
   manager = checkpointing.create_manager(workdir, async_save=False)
   checkpointing.save(manager, 0, exp.init_state(jax.random.key(seed)))
   manager.close()
-  train.save_config(config, workdir)
+  workdir_lib.save_config(config, workdir)
   return workdir

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ddnn_jax import config_lib, methods, train
+from ddnn_jax import workdir as workdir_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(ROOT, 'configs', '*.py'))
@@ -165,7 +166,7 @@ def test_load_and_saved_config_take_overrides_as_the_flags_do(tmp_path):
   config = config_lib.load(os.path.join(ROOT, 'configs', 'default.py:smoke'),
                            ['optim.learning_rate=0.3', 'depths=((1,1,1),(3,3,3))'])
   assert config.optim.learning_rate == 0.3 and config.depths == ((1, 1, 1), (3, 3, 3))
-  train.save_config(config, str(tmp_path))
+  workdir_lib.save_config(config, str(tmp_path))
   saved = config_lib.load_saved(str(tmp_path))  # JSON lists are tuples again
   assert saved.depths == ((1, 1, 1), (3, 3, 3)) and saved.optim.learning_rate == 0.3
   config_lib.apply_overrides(saved, ['depths=((2,2,2),(3,3,3))'])

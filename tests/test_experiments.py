@@ -197,9 +197,10 @@ def test_finished_ddnn_runs_are_rescored_with_recalibrated_bn_once(tmp_path, mon
 def test_recalibrate_command_is_what_the_evaluate_cli_parses(tmp_path):
   from absl import flags
 
-  from ddnn_jax import config_lib, evaluate, train
+  from ddnn_jax import config_lib, evaluate
+  from ddnn_jax import workdir as workdir_lib
 
-  train.save_config(config_lib.load(str(REPO / 'configs' / 'default.py')), str(tmp_path))
+  workdir_lib.save_config(config_lib.load(str(REPO / 'configs' / 'default.py')), str(tmp_path))
   cmd = driver.recalibrate_command(str(tmp_path), 20)
   assert cmd[1:3] == ['-m', 'ddnn_jax.evaluate']
   values = flags.FlagValues()

@@ -186,12 +186,13 @@ def test_bad_input_is_one_line_and_exit_2(trained, tmp_path, capsys, args, messa
 
 @pytest.mark.parametrize('name', ['one', 'mcod'])
 def test_a_run_of_several_nets_is_refused_by_export_and_search(name, tmp_path, capsys):
-  from ddnn_jax import experiment, search, train  # noqa: PLC0415
+  from ddnn_jax import experiment, search  # noqa: PLC0415
+  from ddnn_jax import workdir as workdir_lib  # noqa: PLC0415
 
   config = config_lib.load(str(REPO / 'configs' / f'{name}.py') + ':smoke')
   workdir = str(tmp_path / name)
   exp = experiment.build(config, mesh_lib.create_mesh(), experiment.DataSpec(10, 8, 64))
-  train.save_config(config, workdir)
+  workdir_lib.save_config(config, workdir)
   manager = checkpointing.create_manager(workdir)
   checkpointing.save_variables(manager, 1, exp.init_state().variables)
   manager.close()

@@ -11,6 +11,7 @@ import pytest
 
 from ddnn_jax import checkpointing, experiment, methods, models, train
 from ddnn_jax import mesh as mesh_lib
+from ddnn_jax import workdir as workdir_lib
 from tests import method_runs as runs
 
 NUM_CLASSES = 10
@@ -23,7 +24,7 @@ def save_teacher(workdir: str, config) -> str:
   manager = checkpointing.create_manager(workdir, async_save=False)
   checkpointing.save(manager, 0, exp.init_state(jax.random.key(7)))
   manager.close()
-  train.save_config(config, workdir)
+  workdir_lib.save_config(config, workdir)
   return workdir
 
 
