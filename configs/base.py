@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
   # CPU process, XLA's on TPU/GPU and on several devices), 'xla' or 'onednn'.
   # Same maths; oneDNN is 2-3x faster on CPU for narrow layers (BENCHMARKS.md).
   config.model.conv_impl = 'auto'
+  # Which depths' losses train the shared classifier head: 'all', or 'full'
+  # (the full net's alone; the sub-nets' gradients stop at the head).
+  config.model.head_grad = 'all'
 
   # Depth configs trained together (blocks per stage); the full depth is always
   # included and is the teacher.

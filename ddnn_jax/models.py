@@ -30,6 +30,9 @@ from ddnn_jax import onednn_conv
 Depth = tuple[int, ...]
 
 BN_MODES = ('shared', 'private_stats', 'private_all')
+# Which depths' losses train the shared classifier head: every depth's, or the
+# full net's alone (the sub-nets read the head through a stop-gradient).
+HEAD_GRADS = ('all', 'full')
 BN_MOMENTUM = 0.9  # running statistics: new = m * old + (1 - m) * batch
 
 
@@ -247,6 +250,7 @@ class DDNNResNet(nn.Module):
   # Convolution kernels: 'xla', 'onednn' or 'auto' (oneDNN on a one-device CPU
   # process, XLA elsewhere); see ddnn_jax.onednn_conv.
   conv_impl: str = 'xla'
+  head_grad: str = 'all'  # one of HEAD_GRADS
 
   @property
   def full_depth(self) -> Depth:
@@ -302,7 +306,14 @@ class DDNNResNet(nn.Module):
             cache[path, tag] = blocks[s, b](x, train=train, tag=tag)
           x = cache[path, tag]
         features.append(x)
-      logits = head(jnp.mean(x, axis=(1, 2)))
+      pooled = jnp.mean(x, axis=(1, 2))
+      if (self.head_grad == 'full' and depth != self.full_depth
+          and not self.is_initializing()):
+        # Same logits; the sub-net's loss reaches its blocks, not the head.
+        frozen = jax.lax.stop_gradient(head.variables['params'])
+        logits = head.clone(parent=None).apply({'params': frozen}, pooled)
+      else:
+        logits = head(pooled)
       outputs[depth] = DepthOutput(logits.astype(jnp.float32), tuple(features))
     return tuple(outputs[d] for d in depths)
 
@@ -310,11 +321,14 @@ class DDNNResNet(nn.Module):
 def create_model(name: str, num_classes: int, *, width_multiplier: float = 1.0,
                  bn_mode: str = 'shared', dtype: Any = jnp.float32,
                  zero_init_residual: bool = False, conv_impl: str = 'xla',
-                 stage_sizes: Sequence[int] | None = None) -> DDNNResNet:
+                 stage_sizes: Sequence[int] | None = None,
+                 head_grad: str = 'all') -> DDNNResNet:
   """The preset ``name``; ``stage_sizes`` builds the standalone net of a cut depth."""
   preset = get_preset(name)
   if bn_mode not in BN_MODES:
     raise ValueError(f'unknown bn_mode {bn_mode!r}; choose one of {BN_MODES}')
+  if head_grad not in HEAD_GRADS:
+    raise ValueError(f'unknown head_grad {head_grad!r}; choose one of {HEAD_GRADS}')
   if not width_multiplier > 0:
     raise ValueError(f'width_multiplier must be > 0, got {width_multiplier}')
   if not (isinstance(num_classes, int) and num_classes >= 1):
@@ -327,7 +341,7 @@ def create_model(name: str, num_classes: int, *, width_multiplier: float = 1.0,
       stem=preset.stem, widths=preset.widths, stem_width=preset.stem_width,
       num_classes=num_classes, width_multiplier=width_multiplier,
       bn_mode=bn_mode, dtype=jnp.dtype(dtype), zero_init_residual=zero_init_residual,
-      conv_impl=conv_impl)
+      conv_impl=conv_impl, head_grad=head_grad)
 
 
 def init_variables(model: DDNNResNet, rng: jax.Array, images: jax.Array,

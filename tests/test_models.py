@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from ddnn_jax import costs, models
@@ -144,6 +145,7 @@ def test_numpy_integer_depths_are_accepted():
     (dict(bn_mode='private'), "unknown bn_mode 'private'"),
     (dict(width_multiplier=0.0), 'width_multiplier must be > 0'),
     (dict(num_classes=0), 'num_classes must be a positive integer'),
+    (dict(head_grad='sub'), "unknown head_grad 'sub'"),
 ])
 def test_create_model_rejects_bad_arguments(kwargs, message):
   args = dict(name='cifar_resnet20', num_classes=10) | kwargs
@@ -265,6 +267,37 @@ def test_fused_forward_runs_the_full_net_once():
   # Asking for the full depth twice (as teacher and as a member) costs nothing.
   assert _conv_count(lambda v, x: fused(v, x, [(3, 3, 3), (3, 3, 3)], True),
                      variables, images) == full_convs
+
+
+def _head_and_stem_grads(model, variables, images, depth):
+  """|grad| of one depth's summed logits w.r.t. the head and the stem conv."""
+
+  def total(params):
+    outputs, _ = model.apply({**variables, 'params': params}, images, (depth,), True,
+                             method=model.forward_depths, mutable=['batch_stats'])
+    return outputs[0].logits.sum()
+
+  grads = jax.jit(jax.grad(total))(variables['params'])
+  return float(optax.global_norm(grads['head'])), float(optax.global_norm(grads['stem']))
+
+
+def test_head_grad_full_stops_only_the_sub_nets_gradient_at_the_head():
+  model, images, variables = _bn_setup('shared')
+  frozen = model.clone(head_grad='full')
+  # Same logits either way: the stop-gradient changes derivatives only.
+  for depth in DEPTHS:
+    np.testing.assert_array_equal(_logits(frozen, variables, images, depth),
+                                  _logits(model, variables, images, depth))
+  for depth in DEPTHS:
+    head_all, stem_all = _head_and_stem_grads(model, variables, images, depth)
+    head_full, stem_full = _head_and_stem_grads(frozen, variables, images, depth)
+    assert head_all > 0 and stem_all > 0
+    # The sub-net's gradient still reaches its blocks (the same gradient).
+    np.testing.assert_allclose(stem_full, stem_all, rtol=1e-5)
+    if depth == model.full_depth:
+      np.testing.assert_allclose(head_full, head_all, rtol=1e-6)
+    else:
+      assert head_full == 0.0
 
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():

@@ -135,7 +135,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
   return models.create_model(
       m.name, num_classes, width_multiplier=m.width_multiplier, bn_mode=m.bn_mode,
       dtype=m.dtype, zero_init_residual=m.zero_init_residual,
-      conv_impl=m.get('conv_impl', 'xla'), stage_sizes=stage_sizes)
+      conv_impl=m.get('conv_impl', 'xla'), stage_sizes=stage_sizes,
+      head_grad=m.get('head_grad', 'all'))
 
 
 def train_depths(config: ml_collections.ConfigDict,
