@@ -10,7 +10,7 @@
 #   setsid nohup bash experiments/study30.sh >/dev/null 2>&1 &
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-PIN=${PIN:-001f067}
+PIN=${PIN:-47a0706}
 OUT=${OUT:-/tmp/ddnn_study30}
 ROOT=${ROOT:-$(cd "$REPO/.." && pwd)/shared/datasets/cifar10-jpeg-train.tar}
 RECORDS=$REPO/docs/results/study30/runs
@@ -31,7 +31,8 @@ drive() {  # drive ABLATIONS RUNS
   records restore &&
   drive ekd_full_ce2 ekd_full_ce2_s0 &&
   drive none individual_d1_s1,individual_d2_s1,individual_d3_s1 &&
-  drive ekd_bn_private_all ekd_bn_private_all_s0 &&
   drive none joint_ce_s1 &&
+  drive ekd_head_full ekd_head_full_s0 &&
+  drive ekd_bn_private_all ekd_bn_private_all_s0 &&
   drive none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2
 } >> "$OUT/driver.log" 2>&1
