@@ -19,9 +19,9 @@ WT=${WT:-/tmp/wt_study30_$PIN}
 mkdir -p "$OUT"
 cd "$WT" || exit 1
 records() { python experiments/study_records.py "$1" --out "$OUT" --records "$RECORDS"; }
-drive() {  # drive ABLATIONS RUNS
+drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]
   nice -n 5 python experiments/cifar10_ekd.py --root "$ROOT" --out "$OUT" --epochs 30 \
-    --width 0.5 --seeds 3 --ablations "$1" --only "$2"
+    --width 0.5 --seeds 3 --ablations "$1" --only "$2" "${@:3}"
   local rc=$?
   records save
   return $rc
@@ -34,5 +34,7 @@ drive() {  # drive ABLATIONS RUNS
   drive none joint_ce_s1 &&
   drive ekd_head_full ekd_head_full_s0 &&
   drive ekd_bn_private_all ekd_bn_private_all_s0 &&
+  drive none depth_pruning_s0,offline_kd_d1_s0,offline_kd_d2_s0,one_s0,mcod_s0,indistill_d1_s0 \
+    --comparison 1 &&
   drive none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2
 } >> "$OUT/driver.log" 2>&1

@@ -3,7 +3,9 @@
 import collections
 import os
 import pathlib
+import shutil
 import tarfile
+import tempfile
 
 # The tests run on the CPU. The test extra installs libtpu (for the TPU
 # ahead-of-time compile tests), which would otherwise look for a TPU at start-up.
@@ -21,6 +23,29 @@ CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
 # cores). No test depends on the particular random stream, and every parameter
 # here is replicated, so the tests use the faster-compiling variant.
 jax.config.update('jax_threefry_partitionable', False)
+
+from ddnn_jax import runtime  # noqa: E402
+
+# Most runs a test makes compile programs that another run of the session has
+# compiled already: a resume test trains one config two or three times, and the
+# smoke configs recur across modules. One persistent compilation cache per test
+# session (shared by the xdist workers, as `main` keeps one between runs) loads
+# them instead. DDNN_TEST_COMPILATION_CACHE=0 compiles everything afresh.
+_CACHE_ENV = 'DDNN_TEST_XLA_CACHE'
+
+
+def pytest_configure(config):
+  if os.environ.get('DDNN_TEST_COMPILATION_CACHE', '1') == '0':
+    return
+  if _CACHE_ENV not in os.environ and not hasattr(config, 'workerinput'):
+    # The controller (or a run without xdist): workers inherit the variable.
+    os.environ[_CACHE_ENV] = config.ddnn_xla_cache = tempfile.mkdtemp(prefix='ddnn_xla_')
+  runtime.enable_compilation_cache(os.environ.get(_CACHE_ENV))
+
+
+def pytest_unconfigure(config):
+  if getattr(config, 'ddnn_xla_cache', None):
+    shutil.rmtree(config.ddnn_xla_cache, ignore_errors=True)
 
 
 # The CIFAR-10 JPEG tar for the real-data tests: $DDNN_CIFAR10_TAR, else the
