@@ -271,7 +271,7 @@ def fused(args) -> None:
 
 def subnet(args) -> None:
   jax = import_jax()
-  from ddnn_jax import inference, models
+  from ddnn_jax import inference, models, subnets
   from ddnn_jax import mesh as mesh_lib
   images, _ = synthetic_batch(args.batch)
   mesh = mesh_lib.create_mesh()
@@ -280,7 +280,7 @@ def subnet(args) -> None:
   alone = models.create_model('cifar_resnet20', NUM_CLASSES, width_multiplier=args.width,
                               stage_sizes=SUBNET_DEPTH)
   variables = {'ddnn': models.init_variables(ddnn, jax.random.key(0), images[:1])}
-  variables['standalone'] = models.extract_subnet(variables['ddnn'], SUBNET_DEPTH)
+  variables['standalone'] = subnets.extract_subnet(variables['ddnn'], SUBNET_DEPTH)
   forward = {
       'ddnn': inference.make_forward(ddnn, SUBNET_DEPTH, mesh),
       'standalone': inference.make_forward(alone, alone.full_depth, mesh)}

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from ddnn_jax import models
+from ddnn_jax import models, subnets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +54,7 @@ def depth_costs(model: models.DDNNResNet, depths: Sequence[models.Depth],
   variables = abstract_variables(model, image_size)
   return [
       DepthCost(depth,
-                models.count_params(models.extract_subnet(variables, depth)['params']),
+                models.count_params(subnets.extract_subnet(variables, depth)['params']),
                 compiled_flops(model, variables, depth, image_size, batch_size))
       for depth in depths
   ]

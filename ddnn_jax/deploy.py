@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import traverse_util
 
-from ddnn_jax import methods, models
+from ddnn_jax import methods, models, subnets
 
 _BLOCK = re.compile(r'^stage(\d+)_block(\d+)$')
 _TAG = re.compile(r'_(d\d+(?:-\d+)*)$')
@@ -127,11 +127,11 @@ def standalone(run: Run, depth: Any, *, any_statistics: bool = False,
           f'{run.model.bn_mode} run (it has {trained})'
           + ('; pass --recalibrate_bn N to estimate them' if run.model.bn_mode ==
              'private_stats' else '; choose one of those'))
-    variables = models.extract_subnet(variables, run.model.full_depth)
+    variables = subnets.extract_subnet(variables, run.model.full_depth)
   model = run.model.clone(stage_sizes=depth, bn_mode='shared',
                           conv_impl=conv_impl or run.model.conv_impl,
                           dtype=jnp.dtype(dtype or run.model.dtype))
-  return Net(depth, model, models.extract_subnet(variables, depth))
+  return Net(depth, model, subnets.extract_subnet(variables, depth))
 
 
 def recalibrated(net: Net, config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,

@@ -4,7 +4,7 @@
       [--recalibrate_bn N] [--quantize int8] [--step S] [--batch_size B]
       [--platforms cpu,cuda] [--nocompare_full] [--config.FIELD=VALUE ...]
 
-keeps the weights the depth uses (its standalone net, models.extract_subnet)
+keeps the weights the depth uses (its standalone net, subnets.extract_subnet)
 with that depth's BatchNorm statistics: the run's (a 'private_stats' release
 has them per depth), or with `--recalibrate_bn N` re-estimated for the depth
 on N training batches as `evaluate --recalibrate_bn N` does. FORMAT:
@@ -52,7 +52,7 @@ import numpy as np
 from absl import app, flags, logging
 from etils import epath
 
-from ddnn_jax import deploy, evaluate, models, runtime
+from ddnn_jax import deploy, evaluate, models, runtime, subnets
 from ddnn_jax import mesh as mesh_lib
 
 FORMATS = ('checkpoint', 'savedmodel', 'tflite')
@@ -271,7 +271,7 @@ def export(workdir: str, config: ml_collections.ConfigDict, *, depth: str | Sequ
     return size_on_disk(out)
 
   size = write(net, out)
-  full = models.extract_subnet(run.variables, run.model.full_depth)
+  full = subnets.extract_subnet(run.variables, run.model.full_depth)
   full_size = None
   if compare_full:  # the full net written the same way, for its size alone
     with tempfile.TemporaryDirectory() as tmp:

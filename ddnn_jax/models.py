@@ -9,7 +9,7 @@ Variable names follow the standalone nets: ``stem`` (``conv``, ``bn``),
 ``stage{s}_block{b}`` (s from 1, b from 0) and ``head``. With the private
 BatchNorm modes a per-depth copy of a norm layer is named ``<layer>_<tag>`` where
 ``tag`` is :func:`depth_tag` of the depth (``bn1_d2-2-2``);
-:func:`extract_subnet` turns any mode's variables into the standalone layout.
+``subnets.extract_subnet`` turns any mode's variables into the standalone layout.
 """
 
 from __future__ import annotations
@@ -17,8 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import numbers
-import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -353,56 +352,11 @@ def init_variables(model: DDNNResNet, rng: jax.Array, images: jax.Array,
   return dict(model.init(rng, images, depths, False, method=model.forward_depths))
 
 
-_BLOCK_NAME = re.compile(r'^stage(\d+)_block(\d+)$')
-_TAGGED_NAME = re.compile(r'^(.+)_(d\d+(?:-\d+)*)$')
-
-
-def extract_subnet(variables: Mapping[str, Any], depth: Sequence[int]) -> dict:
-  """The variables a depth uses, in the layout of the standalone net of that depth.
-
-  Blocks past the depth are dropped, and per-depth norm layers of the private BN
-  modes are renamed to the plain names (``bn1_d2-2-2`` -> ``bn1``), so the result
-  loads into ``create_model(name, ..., stage_sizes=depth)`` with ``bn_mode='shared'``.
-  """
-  depth = tuple(int(k) for k in depth)
-  tag = depth_tag(depth)
-  found_tags = set()
-
-  def keep(tree: Mapping[str, Any]) -> dict:
-    out = {}
-    for key, value in tree.items():
-      block = _BLOCK_NAME.match(key)
-      if block and int(block.group(2)) >= depth[int(block.group(1)) - 1]:
-        continue
-      tagged = _TAGGED_NAME.match(key)
-      if tagged:
-        found_tags.add(tagged.group(2))
-        if tagged.group(2) != tag:
-          continue
-        key = tagged.group(1)
-      out[key] = keep(value) if isinstance(value, Mapping) else value
-    return out
-
-  result = {name: keep(collection) for name, collection in variables.items()}
-  if found_tags and tag not in found_tags:
-    raise ValueError(
-        f'the variables hold per-depth BatchNorm layers for {sorted(found_tags)} but '
-        f'not for {tag}; initialise or train the model with that depth')
-  return result
-
-
 def member_name(model: nn.Module, member: Any) -> str:
   """A member's name in metrics and reports: `model.member_name(member)` for a
   model whose members are not depths (branches, peers), else the depth tag."""
   name = getattr(model, 'member_name', None)
   return name(member) if callable(name) else depth_tag(member)
-
-
-def member_variables(model: nn.Module, variables: Mapping[str, Any], member: Any) -> dict:
-  """The variables a member uses, as its standalone net holds them:
-  `model.member_variables(variables, member)`, else `extract_subnet`."""
-  extract = getattr(model, 'member_variables', None)
-  return extract(variables, member) if callable(extract) else extract_subnet(variables, member)
 
 
 def count_params(tree: Any) -> int:

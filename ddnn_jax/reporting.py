@@ -22,7 +22,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddnn_jax import costs, inference, models
+from ddnn_jax import costs, inference, models, subnets
 from ddnn_jax import mesh as mesh_lib
 
 # The per-depth metrics (evaluate.py computes them) in the order users read them.
@@ -100,7 +100,7 @@ def report(workdir: str, config: ml_collections.ConfigDict, model: models.DDNNRe
   for depth in depths:
     tag = models.member_name(model, depth)
     params = models.count_params(
-        models.member_variables(model, host_variables, depth)['params'])
+        subnets.member_variables(model, host_variables, depth)['params'])
     rows.append({
         'depth': list(depth), 'name': tag, 'params': params,
         'flops': costs.compiled_flops(model, variables, depth, image_size),

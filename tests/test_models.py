@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from ddnn_jax import costs, models
+from ddnn_jax import costs, models, subnets
 
 # torchvision's counts for the ImageNet nets (1000-class head).
 REFERENCE_PARAMS = {
@@ -101,7 +101,7 @@ def test_extracted_subnet_is_the_standalone_net(deep, depth, shallow, image_size
   size = min(image_size, 64)
   images = jax.random.normal(jax.random.key(1), (2, size, size, 3))
   deep_vars = _init(deep_model, jax.random.key(0), images)
-  sub_vars = models.extract_subnet(deep_vars, depth)
+  sub_vars = subnets.extract_subnet(deep_vars, depth)
   standalone = costs.abstract_variables(shallow_model, image_size)
   assert (jax.tree.structure(sub_vars) == jax.tree.structure(standalone))
   assert jax.tree.map(jnp.shape, sub_vars) == jax.tree.map(jnp.shape, standalone)
@@ -227,7 +227,7 @@ def test_extract_subnet_from_every_bn_mode(bn_mode):
   variables = _train_forward(model, variables, images, DEPTHS)  # non-trivial stats
   standalone = models.create_model('cifar_resnet20', 10, width_multiplier=0.5,
                                    stage_sizes=(2, 2, 2))
-  sub = models.extract_subnet(variables, (2, 2, 2))
+  sub = subnets.extract_subnet(variables, (2, 2, 2))
   np.testing.assert_allclose(_logits(model, variables, images, (2, 2, 2)),
                              _logits(standalone, sub, images), atol=1e-5, rtol=0)
 
@@ -235,7 +235,7 @@ def test_extract_subnet_from_every_bn_mode(bn_mode):
 def test_extract_subnet_needs_the_depths_statistics():
   model, images, variables = _bn_setup('private_stats')
   with pytest.raises(ValueError, match='not for d1-2-3'):
-    models.extract_subnet(variables, (1, 2, 3))
+    subnets.extract_subnet(variables, (1, 2, 3))
 
 
 # --- the fused multi-depth forward ---------------------------------------

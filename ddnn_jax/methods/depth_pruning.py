@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import ml_collections
 from absl import logging
 
-from ddnn_jax import losses, models, optim
+from ddnn_jax import losses, models, optim, subnets
 from ddnn_jax.methods import base, nets
 
 
@@ -57,7 +57,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 def cut(full_variables: dict, depth: models.Depth) -> dict:
   """The variables of the net of `depth` cut from a full net's (shared BN):
   stem, head and the first depth[s] blocks of each stage s."""
-  return models.extract_subnet(full_variables, depth)
+  return subnets.extract_subnet(full_variables, depth)
 
 
 def ce_objective(members: tuple[models.Depth, ...], trained: tuple[models.Depth, ...]):

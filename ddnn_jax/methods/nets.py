@@ -7,7 +7,7 @@ A member is a depth tuple, (1, 1, 1), or a name tuple, ('student',); its
 name (`member_name`, which evaluation and reports use through
 models.member_name) is the depth tag or the name, 'd1-1-1' or 'student', and
 its net's variables are the top-level entry `net_<name>`, so
-`models.extract_subnet(variables, depth)` still picks a depth member's net
+`subnets.extract_subnet(variables, depth)` still picks a depth member's net
 (as it picks a depth's private norms) and `member_variables` any member's.
 """
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from ddnn_jax import checkpointing, config_lib, models
+from ddnn_jax import checkpointing, config_lib, models, subnets
 
 
 def member_name(member: tuple) -> str:
@@ -132,7 +132,7 @@ def full_net_variables(model: nn.Module, variables: dict) -> dict:
   """A run's reference net (its full depth) in the layout of a standalone net
   with shared BatchNorm, whatever the run's BN mode or method."""
   if isinstance(model, models.DDNNResNet):
-    return models.extract_subnet(variables, model.full_depth)
+    return subnets.extract_subnet(variables, model.full_depth)
   if isinstance(model, Nets):
     name = net_name(model.reference)
     return {collection: tree[name] for collection, tree in variables.items()
