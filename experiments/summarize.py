@@ -248,12 +248,15 @@ def _ablation_table(runs: list[dict], summary: dict, depths: list) -> list[str]:
                and g not in COMPARISON]
   if not ablations:
     return []
-  groups = [g for g in ('ekd', 'joint_ce') if g in summary] + sorted(ablations)
+  by_name = {r['name']: r for r in runs if 'eval' in r}
+  # A reference row only where its seed-0 run kept this evaluation (a run
+  # rebuilt from its release has only the re-calibrated one).
+  groups = [g for g in ('ekd', 'joint_ce') if g in summary and f'{g}_s0' in by_name]
+  groups += sorted(ablations)
   lines = ['', 'Ablations (one seed each; `ekd` and `joint_ce` repeated for reference, '
            'with their seed-0 value first):', '',
            '| variant | ' + ' | '.join(depth_name(d) for d in depths) + ' |',
            '|---|' + '---|' * len(depths)]
-  by_name = {r['name']: r for r in runs if 'eval' in r}
   for g in groups:
     cells = [g]
     for depth in depths:
