@@ -6,6 +6,8 @@
 # (experiments/study_records.py), skips finished runs, resumes an unfinished
 # one from its checkpoints, and saves finished runs' records into the repo
 # (docs/results/study30/runs) after each step. Log: OUT/driver.log.
+# Last, a width-1.0 check of seed 0 (is the full net's drag a capacity limit
+# of the 8/16/32-channel net?) into OUT_W1, records docs/results/study30_w1/runs.
 #
 #   setsid nohup bash experiments/study30.sh >/dev/null 2>&1 &
 set -u
@@ -14,14 +16,17 @@ PIN=${PIN:-47a0706}
 OUT=${OUT:-/tmp/ddnn_study30}
 ROOT=${ROOT:-$(cd "$REPO/.." && pwd)/shared/datasets/cifar10-jpeg-train.tar}
 RECORDS=$REPO/docs/results/study30/runs
+OUT_W1=${OUT_W1:-/tmp/ddnn_study30_w1}
+RECORDS_W1=$REPO/docs/results/study30_w1/runs
+WIDTH=0.5
 WT=${WT:-/tmp/wt_study30_$PIN}
 [ -d "$WT" ] || git -C "$REPO" worktree add --detach "$WT" "$PIN" || exit 1
-mkdir -p "$OUT"
+mkdir -p "$OUT" "$OUT_W1"
 cd "$WT" || exit 1
 records() { python experiments/study_records.py "$1" --out "$OUT" --records "$RECORDS"; }
-drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]
+drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]; OUT, RECORDS, WIDTH as set
   nice -n 5 python experiments/cifar10_ekd.py --root "$ROOT" --out "$OUT" --epochs 30 \
-    --width 0.5 --seeds 3 --ablations "$1" --only "$2" "${@:3}"
+    --width "$WIDTH" --seeds 3 --ablations "$1" --only "$2" "${@:3}"
   local rc=$?
   records save
   return $rc
@@ -36,5 +41,8 @@ drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]
   drive ekd_bn_private_all ekd_bn_private_all_s0 &&
   drive none depth_pruning_s0,offline_kd_d1_s0,offline_kd_d2_s0,one_s0,mcod_s0,indistill_d1_s0 \
     --comparison 1 &&
-  drive none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2
+  drive none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2 &&
+  OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 records restore &&
+  OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 \
+    drive none ekd_s0,individual_d3_s0,joint_ce_s0,individual_d1_s0
 } >> "$OUT/driver.log" 2>&1
