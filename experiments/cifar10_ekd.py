@@ -13,7 +13,8 @@ uses both cores), each in OUT/<run name>:
   ekd_s{0,1}                   DDNN + EKD, the three depths in one step
   joint_ce_s{0,1}              DDNN, cross-entropy only (alpha = beta = 0)
   individual_d{1,2,3}_s{0,1}   each depth as a standalone ResNet-8/14/20
-  ekd_paper_s0, ekd_kl_only_s0 one-seed EKD variants (--ablations, see ABLATIONS)
+  ekd_paper_s0, ekd_kl_only_s0 EKD variants (--ablations, see ABLATIONS), seed 0
+                               (--ablation-seeds N: seeds 0..N-1)
   depth_pruning_s*, offline_kd_d{1,2}_s*, one_s*, mcod_s*, indistill_d1_s*
                                the comparison methods (--comparison SEEDS; see
                                comparison_runs), after the runs above
@@ -168,11 +169,15 @@ def plan(args: argparse.Namespace) -> list[Run]:
                   {'method': 'individual', 'individual_depth': d, 'seed': seed})
               for d in DEPTHS)]
 
-  runs = main_runs(0)
-  for name in _ablations(args.ablations):
-    runs.append(Run(f'{name}_s0', {'method': 'ekd', 'seed': 0, **ABLATIONS[name]}))
-  for seed in range(1, args.seeds):
-    runs += main_runs(seed)
+  def ablation_runs(seed):
+    if seed >= args.ablation_seeds:
+      return []
+    return [Run(f'{name}_s{seed}', {'method': 'ekd', 'seed': seed, **ABLATIONS[name]})
+            for name in _ablations(args.ablations)]
+
+  runs = main_runs(0) + ablation_runs(0)
+  for seed in range(1, max(args.seeds, args.ablation_seeds)):
+    runs += (main_runs(seed) if seed < args.seeds else []) + ablation_runs(seed)
   for seed in range(min(args.comparison, args.seeds)):
     runs += comparison_runs(seed, args.out, args.epochs, args.released)
   if args.only:
@@ -317,8 +322,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--set', action='append', default=[], metavar='FIELD=VALUE',
                       help='any other config field for every run (e.g. ekd.temperature=4)')
   parser.add_argument('--ablations', default=','.join(DEFAULT_ABLATIONS),
-                      help="one-seed variants to add: 'none', 'all' or a comma list of "
+                      help="EKD variants to add: 'none', 'all' or a comma list of "
                       f'{list(ABLATIONS)} (default: %(default)s)')
+  parser.add_argument('--ablation-seeds', type=int, default=1, metavar='N',
+                      help='seeds 0..N-1 of each ablation, each after that seed\'s '
+                           'main runs (default 1)')
   parser.add_argument('--recalibrate-bn', type=int, default=20, metavar='N',
                       help='after each DDNN run, also score it with each depth\'s BN '
                       'statistics re-estimated on N training batches (0: skip)')

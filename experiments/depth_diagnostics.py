@@ -50,14 +50,17 @@ def residual_ratios(model, variables, depth, images) -> dict[str, float]:
   _, state = model.apply(variables, images, (depth,), False, method=model.forward_depths,
                          capture_intermediates=True, mutable=['intermediates'])
   inter = state['intermediates']
-  last_bn = 'bn2' if model.block == 'basic' else 'bn3'
+  # private_all names each depth's copy of a norm layer <layer>_<tag>.
+  suffix = f'_{models.depth_tag(depth)}' if model.bn_mode == 'private_all' else ''
+  last_bn = ('bn2' if model.block == 'basic' else 'bn3') + suffix
+  proj_bn = 'proj_bn' + suffix
   ratios = {}
   previous = inter['stem']['__call__'][0]
   for s, num_blocks in enumerate(depth):
     for b in range(num_blocks):
       block = inter[f'stage{s + 1}_block{b}']
       branch = block[last_bn]['__call__'][0]
-      shortcut = block['proj_bn']['__call__'][0] if 'proj_bn' in block else previous
+      shortcut = block[proj_bn]['__call__'][0] if proj_bn in block else previous
       ratio = _norm(branch) / jnp.maximum(_norm(shortcut), 1e-12)
       ratios[f'stage{s + 1}_block{b}'] = float(ratio.mean())
       previous = block['__call__'][0]

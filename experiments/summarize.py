@@ -176,7 +176,7 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
               '(`--recalibrate_bn`, see below; `individual` nets as trained):', '']
     lines += _main_table(recal, costs, depths)
   lines += _comparison_table(runs, summary, recal, costs, depths)
-  lines += _ablation_table(runs, summary, depths)
+  lines += _ablation_table(summary, depths)
   lines += _agreement_table({**summary, **{g: recal[g] for g in recal if g != 'individual'}},
                             depths)
   lines += _recalibration_table(runs, depths)
@@ -243,28 +243,22 @@ def _comparison_table(runs: list[dict], summary: dict, recal: dict, costs: dict,
   return lines
 
 
-def _ablation_table(runs: list[dict], summary: dict, depths: list) -> list[str]:
+def _ablation_table(summary: dict, depths: list) -> list[str]:
+  """The ablations' own evaluation, mean ± SD over the seeds each has, with ekd
+  and joint_ce for reference where their runs kept that evaluation (a run
+  rebuilt from its release has only the re-calibrated one)."""
   ablations = [g for g in summary if g not in ('ekd', 'joint_ce', 'individual')
                and g not in COMPARISON]
   if not ablations:
     return []
-  by_name = {r['name']: r for r in runs if 'eval' in r}
-  # A reference row only where its seed-0 run kept this evaluation (a run
-  # rebuilt from its release has only the re-calibrated one).
-  groups = [g for g in ('ekd', 'joint_ce') if g in summary and f'{g}_s0' in by_name]
-  groups += sorted(ablations)
-  lines = ['', 'Ablations (one seed each; `ekd` and `joint_ce` repeated for reference, '
-           'with their seed-0 value first):', '',
+  groups = [g for g in ('ekd', 'joint_ce') if g in summary] + sorted(ablations)
+  lines = ['', 'Ablations (their own evaluation, mean ± SD over seeds; `ekd` and '
+           '`joint_ce` for reference, from their runs that kept it):', '',
            '| variant | ' + ' | '.join(depth_name(d) for d in depths) + ' |',
            '|---|' + '---|' * len(depths)]
   for g in groups:
-    cells = [g]
-    for depth in depths:
-      run = by_name.get(f'{g}_s0')
-      row = next((r for r in run['eval']['depths'] if tuple(r['depth']) == depth),
-                 None) if run else None
-      cells.append(f'{row["top1"] * 100:.2f}' if row else 'n/a')
-    lines.append('| ' + ' | '.join(cells) + ' |')
+    lines.append(f'| {g} | ' + ' | '.join(_fmt(summary[g].get(depth, {}).get('top1'))
+                                           for depth in depths) + ' |')
   return lines
 
 

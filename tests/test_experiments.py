@@ -57,6 +57,21 @@ def test_plan_runs_seed_zero_of_every_method_then_ablations_then_other_seeds(tmp
   assert by_name['joint_ce_s0']['method'] == 'joint_ce'
 
 
+def test_ablation_seeds_follow_each_seeds_main_runs(tmp_path):
+  names = [r.name for r, _ in _plan(tmp_path, '--ablations', 'ekd_kl_only', '--seeds', '2',
+                                    '--ablation-seeds', '3')]
+  assert names == [
+      'ekd_s0', 'joint_ce_s0', 'individual_d1_s0', 'individual_d2_s0', 'individual_d3_s0',
+      'ekd_kl_only_s0',
+      'ekd_s1', 'joint_ce_s1', 'individual_d1_s1', 'individual_d2_s1', 'individual_d3_s1',
+      'ekd_kl_only_s1', 'ekd_kl_only_s2']
+  runs = {r.name: r.overrides for r, _ in _plan(
+      tmp_path, '--ablations', 'ekd_kl_only', '--ablation-seeds', '2',
+      '--only', 'ekd_kl_only_s1')}
+  assert runs == {'ekd_kl_only_s1': {'method': 'ekd', 'seed': 1, 'ekd.beta': 0.0,
+                                     'ekd.rampup_epochs': 0.0}}
+
+
 def test_default_plan_is_the_reported_study(tmp_path):
   names = [r.name for r, _ in _plan(tmp_path)]
   assert names[5:7] == ['ekd_paper_s0', 'ekd_kl_only_s0']
@@ -244,6 +259,7 @@ def test_summary_averages_seeds_and_compares_with_individual(tmp_path):
     for d, t in ((d1, 0.50), (d2, 0.60), (d3, 0.81)):
       _fake_run(out, f'individual_d{d[0]}_s{seed}', [(d, t + shift)])
   _fake_run(out, 'ekd_kl_only_s0', [(d1, 0.66), (d2, 0.74), (d3, 0.80)])
+  _fake_run(out, 'ekd_kl_only_s1', [(d1, 0.68), (d2, 0.74), (d3, 0.80)])
   recal = [{'depth': list(d), 'top1': t} for d, t in ((d1, 0.64), (d2, 0.73), (d3, 0.82))]
   (out / 'ekd_s0' / 'eval_validation_bnrecal20.json').write_text(
       json.dumps({'bn_recalibration_batches': 20, 'depths': recal}))
@@ -257,17 +273,19 @@ def test_summary_averages_seeds_and_compares_with_individual(tmp_path):
   assert ('| ResNet-8 (1,1,1) | 3,000 | 0.0300 | 61.00 ± 1.41 (n=2) | 55.00 (n=1) | '
           '51.00 ± 1.41 (n=2) | +10.00 |') in text
   assert '| ResNet-20 (3,3,3) | 9,000 | 0.0900 | 79.00 ± 1.41 (n=2) |' in text
-  assert '| ekd_kl_only | 66.00 | 74.00 | 80.00 |' in text
+  # Ablations average their seeds, like the main methods (ekd for reference).
+  assert '| ekd_kl_only | 67.00 ± 1.41 (n=2) | 74.00 ± 0.00 (n=2) | 80.00 ± 0.00 (n=2) |' in text
+  assert '| ekd | 61.00 ± 1.41 (n=2) | 71.00 ± 1.41 (n=2) | 79.00 ± 1.41 (n=2) |' in text
   assert '| ekd_at_p2_s0 | no | 0.5 | ' in text
   assert 're-estimated per depth on 20 training batches' in text
   assert '| ekd_s0 | 60.00 → 64.00 | 70.00 → 73.00 | 80.00 → 82.00 |' in text
   # The re-calibrated main table: ekd from its one re-scored seed, individual as is.
   assert ('| ResNet-8 (1,1,1) | 3,000 | 0.0300 | 64.00 (n=1) | 51.00 ± 1.41 (n=2) | '
           '+13.00 |') in text
-  # 10 finished runs of 1 min (2 CPU minutes) each, plus the unfinished half
+  # 11 finished runs of 1 min (2 CPU minutes) each, plus the unfinished half
   # minute (no CPU time recorded: wall time x cores).
-  cpu_hours = (10 * 120 + 30 * (os.cpu_count() or 1)) / 3600
-  assert f'| **total** | | **10.5** | **{cpu_hours:.2f}** |' in text
+  cpu_hours = (11 * 120 + 30 * (os.cpu_count() or 1)) / 3600
+  assert f'| **total** | | **11.5** | **{cpu_hours:.2f}** |' in text
   assert '| ekd_s0 | yes | 1.0 | 0.03 |' in text
   dump = json.loads((results / 'cifar10_ekd.json').read_text())
   assert dump['summary']['individual']['1,1,1']['top1']['values'] == [0.5, 0.52]
