@@ -12,7 +12,7 @@
 #   setsid nohup bash experiments/study30.sh >/dev/null 2>&1 &
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-PIN=${PIN:-47a0706}
+PIN=${PIN:-a4c43a6}
 OUT=${OUT:-/tmp/ddnn_study30}
 ROOT=${ROOT:-$(cd "$REPO/.." && pwd)/shared/datasets/cifar10-jpeg-train.tar}
 RECORDS=$REPO/docs/results/study30/runs
@@ -41,6 +41,7 @@ drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]; OUT, RECORDS, WIDTH as set
   drive ekd_bn_private_all ekd_bn_private_all_s0 &&
   drive none depth_pruning_s0,offline_kd_d1_s0,offline_kd_d2_s0,one_s0,mcod_s0,indistill_d1_s0 \
     --comparison 1 &&
+  drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 &&
   drive none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2 &&
   OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 records restore &&
   OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 \
