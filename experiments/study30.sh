@@ -31,6 +31,11 @@ drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]; OUT, RECORDS, WIDTH as set
   records save
   return $rc
 }
+each() {  # each ABLATIONS RUNS [DRIVER FLAGS...]: drive one run at a time, so
+  # each finished run's records are saved at once
+  local run
+  for run in ${2//,/ }; do drive "$1" "$run" "${@:3}" || return; done
+}
 {
   echo "=== start $(date -u) from $WT"
   records restore &&
@@ -39,11 +44,11 @@ drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]; OUT, RECORDS, WIDTH as set
   drive none joint_ce_s1 &&
   drive ekd_head_full ekd_head_full_s0 &&
   drive ekd_bn_private_all ekd_bn_private_all_s0 &&
-  drive none depth_pruning_s0,offline_kd_d1_s0,offline_kd_d2_s0,one_s0,mcod_s0,indistill_d1_s0 \
+  each none depth_pruning_s0,offline_kd_d1_s0,offline_kd_d2_s0,one_s0,mcod_s0,indistill_d1_s0 \
     --comparison 1 &&
   drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 &&
-  drive none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2 &&
+  each none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2 &&
   OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 records restore &&
   OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 \
-    drive none ekd_s0,individual_d3_s0,joint_ce_s0,individual_d1_s0
+    each none ekd_s0,individual_d3_s0,joint_ce_s0,individual_d1_s0
 } >> "$OUT/driver.log" 2>&1
