@@ -25,8 +25,11 @@ mkdir -p "$OUT" "$OUT_W1"
 cd "$WT" || exit 1
 records() { python experiments/study_records.py "$1" --out "$OUT" --records "$RECORDS"; }
 drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]; OUT, RECORDS, WIDTH as set
+  # --released: the main checkout's releases, a path that stays the same when
+  # PIN moves (a comparison run's teacher path is one of its settings).
   nice -n 5 python experiments/cifar10_ekd.py --root "$ROOT" --out "$OUT" --epochs 30 \
-    --width "$WIDTH" --seeds 3 --ablations "$1" --only "$2" "${@:3}"
+    --width "$WIDTH" --seeds 3 --released "$REPO/docs/models/study30" \
+    --ablations "$1" --only "$2" "${@:3}"
   local rc=$?
   records save
   return $rc
