@@ -36,7 +36,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from feature_stats import first_examples  # noqa: E402  -- experiments/feature_stats.py
 
-from ddnn_jax import config_lib, evaluate, inference, input_pipeline, losses, models  # noqa: E402
+from ddnn_jax import (  # noqa: E402
+  config_lib,
+  evaluate,
+  inference,
+  input_pipeline,
+  losses,
+  models,
+  subnets,
+)
 from ddnn_jax import mesh as mesh_lib  # noqa: E402
 
 
@@ -46,21 +54,24 @@ def _norm(x: jax.Array) -> jax.Array:
 
 
 def residual_ratios(model, variables, depth, images) -> dict[str, float]:
-  """{'stage<s>_block<b>': mean ||F(x)|| / ||shortcut(x)||} for the blocks `depth` runs."""
-  _, state = model.apply(variables, images, (depth,), False, method=model.forward_depths,
-                         capture_intermediates=True, mutable=['intermediates'])
+  """{'stage<s>_block<b>': mean ||F(x)|| / ||shortcut(x)||} for the blocks `depth` runs.
+
+  Measured on the depth's standalone net (subnets.extract_subnet: the same
+  function, its norm layers under the plain names in every BN mode)."""
+  depth = tuple(depth)
+  standalone = model.clone(stage_sizes=depth, bn_mode='shared')
+  _, state = standalone.apply(subnets.extract_subnet(variables, depth), images, (depth,),
+                              False, method=standalone.forward_depths,
+                              capture_intermediates=True, mutable=['intermediates'])
   inter = state['intermediates']
-  # private_all names each depth's copy of a norm layer <layer>_<tag>.
-  suffix = f'_{models.depth_tag(depth)}' if model.bn_mode == 'private_all' else ''
-  last_bn = ('bn2' if model.block == 'basic' else 'bn3') + suffix
-  proj_bn = 'proj_bn' + suffix
+  last_bn = 'bn2' if model.block == 'basic' else 'bn3'
   ratios = {}
   previous = inter['stem']['__call__'][0]
   for s, num_blocks in enumerate(depth):
     for b in range(num_blocks):
       block = inter[f'stage{s + 1}_block{b}']
       branch = block[last_bn]['__call__'][0]
-      shortcut = block[proj_bn]['__call__'][0] if proj_bn in block else previous
+      shortcut = block['proj_bn']['__call__'][0] if 'proj_bn' in block else previous
       ratio = _norm(branch) / jnp.maximum(_norm(shortcut), 1e-12)
       ratios[f'stage{s + 1}_block{b}'] = float(ratio.mean())
       previous = block['__call__'][0]

@@ -39,6 +39,9 @@ each() {  # each ABLATIONS RUNS [DRIVER FLAGS...]: drive one run at a time, so
   local run
   for run in ${2//,/ }; do drive "$1" "$run" "${@:3}" || return; done
 }
+width1() {  # the width-1.0 check; call with OUT, RECORDS and WIDTH set for it
+  records restore && each none ekd_s0,individual_d3_s0,joint_ce_s0,individual_d1_s0
+}
 {
   echo "=== start $(date -u) from $WT"
   records restore &&
@@ -51,7 +54,5 @@ each() {  # each ABLATIONS RUNS [DRIVER FLAGS...]: drive one run at a time, so
     --comparison 1 &&
   drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 &&
   each none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2 &&
-  OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 records restore &&
-  OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 \
-    each none ekd_s0,individual_d3_s0,joint_ce_s0,individual_d1_s0
+  OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 width1
 } >> "$OUT/driver.log" 2>&1
