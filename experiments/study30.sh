@@ -7,7 +7,8 @@
 # one from its checkpoints, and saves finished runs' records into the repo
 # (docs/results/study30/runs) after each step. Log: OUT/driver.log.
 # Last, a width-1.0 check of seed 0 (is the full net's drag a capacity limit
-# of the 8/16/32-channel net?) into OUT_W1, records docs/results/study30_w1/runs.
+# of the 8/16/32-channel net?) into OUT_W1, records docs/results/study30_w1/runs;
+# then the comparison methods' second seed (issue 12).
 #
 #   setsid nohup bash experiments/study30.sh >/dev/null 2>&1 &
 set -u
@@ -54,5 +55,7 @@ width1() {  # the width-1.0 check; call with OUT, RECORDS and WIDTH set for it
     --comparison 1 &&
   drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 &&
   each none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2 &&
-  OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 width1
+  OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 width1 &&
+  each none depth_pruning_s1,offline_kd_d1_s1,offline_kd_d2_s1,one_s1,mcod_s1,indistill_d1_s1 \
+    --comparison 2
 } >> "$OUT/driver.log" 2>&1
