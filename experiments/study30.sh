@@ -6,9 +6,12 @@
 # (experiments/study_records.py), skips finished runs, resumes an unfinished
 # one from its checkpoints, and saves finished runs' records into the repo
 # (docs/results/study30/runs) after each step. Log: OUT/driver.log.
-# Last, a width-1.0 check of seed 0 (is the full net's drag a capacity limit
-# of the 8/16/32-channel net?) into OUT_W1, records docs/results/study30_w1/runs;
-# then the comparison methods' second seed (issue 12).
+# After the headline seeds, two checks of seed 0 (ekd, the individual
+# ResNet-20, joint CE, the individual ResNet-8), each in its own OUT with its
+# records in docs/results/<name>/runs: 100 epochs (study100: is the full net's
+# under-fit a short-budget effect?), then the comparison methods' second seed
+# (issue 12), then width 1.0 (study30_w1: is it a capacity limit of the
+# 8/16/32-channel net?).
 #
 #   setsid nohup bash experiments/study30.sh >/dev/null 2>&1 &
 set -u
@@ -18,17 +21,18 @@ OUT=${OUT:-/tmp/ddnn_study30}
 ROOT=${ROOT:-$(cd "$REPO/.." && pwd)/shared/datasets/cifar10-jpeg-train.tar}
 RECORDS=$REPO/docs/results/study30/runs
 OUT_W1=${OUT_W1:-/tmp/ddnn_study30_w1}
-RECORDS_W1=$REPO/docs/results/study30_w1/runs
+OUT_E100=${OUT_E100:-/tmp/ddnn_study100}
 WIDTH=0.5
+EPOCHS=30
 WT=${WT:-/tmp/wt_study30_$PIN}
 [ -d "$WT" ] || git -C "$REPO" worktree add --detach "$WT" "$PIN" || exit 1
-mkdir -p "$OUT" "$OUT_W1"
+mkdir -p "$OUT" "$OUT_W1" "$OUT_E100"
 cd "$WT" || exit 1
 records() { python experiments/study_records.py "$1" --out "$OUT" --records "$RECORDS"; }
-drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]; OUT, RECORDS, WIDTH as set
+drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]; OUT, RECORDS, WIDTH, EPOCHS as set
   # --released: the main checkout's releases, a path that stays the same when
   # PIN moves (a comparison run's teacher path is one of its settings).
-  nice -n 5 python experiments/cifar10_ekd.py --root "$ROOT" --out "$OUT" --epochs 30 \
+  nice -n 5 python experiments/cifar10_ekd.py --root "$ROOT" --out "$OUT" --epochs "$EPOCHS" \
     --width "$WIDTH" --seeds 3 --released "$REPO/docs/models/study30" \
     --ablations "$1" --only "$2" "${@:3}"
   local rc=$?
@@ -40,7 +44,7 @@ each() {  # each ABLATIONS RUNS [DRIVER FLAGS...]: drive one run at a time, so
   local run
   for run in ${2//,/ }; do drive "$1" "$run" "${@:3}" || return; done
 }
-width1() {  # the width-1.0 check; call with OUT, RECORDS and WIDTH set for it
+check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
   records restore && each none ekd_s0,individual_d3_s0,joint_ce_s0,individual_d1_s0
 }
 {
@@ -55,7 +59,8 @@ width1() {  # the width-1.0 check; call with OUT, RECORDS and WIDTH set for it
     --comparison 1 &&
   drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 &&
   each none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2 &&
-  OUT=$OUT_W1 RECORDS=$RECORDS_W1 WIDTH=1.0 width1 &&
+  OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 check &&
   each none depth_pruning_s1,offline_kd_d1_s1,offline_kd_d2_s1,one_s1,mcod_s1,indistill_d1_s1 \
-    --comparison 2
+    --comparison 2 &&
+  OUT=$OUT_W1 RECORDS=$REPO/docs/results/study30_w1/runs WIDTH=1.0 check
 } >> "$OUT/driver.log" 2>&1
