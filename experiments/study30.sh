@@ -26,7 +26,7 @@ WIDTH=0.5
 EPOCHS=30
 WT=${WT:-/tmp/wt_study30_$PIN}
 [ -d "$WT" ] || git -C "$REPO" worktree add --detach "$WT" "$PIN" || exit 1
-mkdir -p "$OUT" "$OUT_W1" "$OUT_E100"
+mkdir -p "$OUT"
 cd "$WT" || exit 1
 records() { python experiments/study_records.py "$1" --out "$OUT" --records "$RECORDS"; }
 drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]; OUT, RECORDS, WIDTH, EPOCHS as set
@@ -45,7 +45,7 @@ each() {  # each ABLATIONS RUNS [DRIVER FLAGS...]: drive one run at a time, so
   for run in ${2//,/ }; do drive "$1" "$run" "${@:3}" || return; done
 }
 check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
-  records restore && each none ekd_s0,individual_d3_s0,joint_ce_s0,individual_d1_s0
+  mkdir -p "$OUT" && records restore && each none ekd_s0,individual_d3_s0,joint_ce_s0,individual_d1_s0
 }
 {
   echo "=== start $(date -u) from $WT"
