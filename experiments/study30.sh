@@ -5,7 +5,8 @@
 # half-way), first restores the records of runs finished earlier
 # (experiments/study_records.py), skips finished runs, resumes an unfinished
 # one from its checkpoints, and saves finished runs' records into the repo
-# (docs/results/study30/runs) after each step. Log: OUT/driver.log.
+# (docs/results/study30/runs) after each step. Log: OUT/driver.log. Seed 2 of
+# the headline runs is released into docs/models/study30 when it finishes.
 # After the headline seeds, two checks of seed 0 (ekd, the individual
 # ResNet-20, joint CE, the individual ResNet-8), each in its own OUT with its
 # records in docs/results/<name>/runs: 100 epochs (study100: is the full net's
@@ -44,6 +45,16 @@ each() {  # each ABLATIONS RUNS [DRIVER FLAGS...]: drive one run at a time, so
   local run
   for run in ${2//,/ }; do drive "$1" "$run" "${@:3}" || return; done
 }
+release() {  # release RUNS...: each finished run of OUT not yet released, into the
+  # main checkout's docs/models/study30 (DDNN runs with per-depth BN statistics)
+  local run flags
+  for run in "$@"; do
+    [ -f "$REPO/docs/models/study30/$run/release.json" ] && continue
+    flags=; case $run in ekd*|joint_ce*) flags="--recalibrate_bn 20";; esac
+    nice -n 5 python -m ddnn_jax.release --workdir "$OUT/$run" \
+      --out "$REPO/docs/models/study30/$run" $flags || return
+  done
+}
 check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
   mkdir -p "$OUT" && records restore && each none ekd_s0,individual_d3_s0,joint_ce_s0,individual_d1_s0
 }
@@ -59,6 +70,7 @@ check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
     --comparison 1 &&
   drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 &&
   each none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2 &&
+  release individual_d1_s2 individual_d2_s2 individual_d3_s2 joint_ce_s2 ekd_s2 &&
   OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 check &&
   each none depth_pruning_s1,offline_kd_d1_s1,offline_kd_d2_s1,one_s1,mcod_s1,indistill_d1_s1 \
     --comparison 2 &&
