@@ -6,7 +6,8 @@
 # (experiments/study_records.py), skips finished runs, resumes an unfinished
 # one from its checkpoints, and saves finished runs' records into the repo
 # (docs/results/study30/runs) after each step. Log: OUT/driver.log. Seed 2 of
-# the headline runs is released into docs/models/study30 when it finishes.
+# the headline runs is released into docs/models/study30 when it finishes;
+# then a third seed of the best candidate, ekd_bn_private_all.
 # After the headline seeds, two checks of seed 0 (ekd, the individual
 # ResNet-20, joint CE, the individual ResNet-8), each in its own OUT with its
 # records in docs/results/<name>/runs: 100 epochs (study100: is the full net's
@@ -71,6 +72,7 @@ check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
   drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 &&
   each none individual_d1_s2,individual_d2_s2,individual_d3_s2,joint_ce_s2,ekd_s2 &&
   release individual_d1_s2 individual_d2_s2 individual_d3_s2 joint_ce_s2 ekd_s2 &&
+  drive ekd_bn_private_all ekd_bn_private_all_s2 --ablation-seeds 3 &&
   OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 check &&
   each none depth_pruning_s1,offline_kd_d1_s1,offline_kd_d2_s1,one_s1,mcod_s1,indistill_d1_s1 \
     --comparison 2 &&
