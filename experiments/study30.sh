@@ -22,6 +22,7 @@ PIN=${PIN:-a4c43a6}
 OUT=${OUT:-/tmp/ddnn_study30}
 ROOT=${ROOT:-$(cd "$REPO/.." && pwd)/shared/datasets/cifar10-jpeg-train.tar}
 RECORDS=$REPO/docs/results/study30/runs
+RELEASED=$REPO/docs/models/study30
 OUT_W1=${OUT_W1:-/tmp/ddnn_study30_w1}
 OUT_E100=${OUT_E100:-/tmp/ddnn_study100}
 WIDTH=0.5
@@ -35,7 +36,7 @@ drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]; OUT, RECORDS, WIDTH, EPOCHS
   # --released: the main checkout's releases, a path that stays the same when
   # PIN moves (a comparison run's teacher path is one of its settings).
   nice -n 5 python experiments/cifar10_ekd.py --root "$ROOT" --out "$OUT" --epochs "$EPOCHS" \
-    --width "$WIDTH" --seeds 3 --released "$REPO/docs/models/study30" \
+    --width "$WIDTH" --seeds 3 --released "$RELEASED" \
     --ablations "$1" --only "$2" "${@:3}"
   local rc=$?
   records save
@@ -50,10 +51,10 @@ release() {  # release RUNS...: each finished run of OUT not yet released, into 
   # main checkout's docs/models/study30 (DDNN runs with per-depth BN statistics)
   local run flags
   for run in "$@"; do
-    [ -f "$REPO/docs/models/study30/$run/release.json" ] && continue
+    [ -f "$RELEASED/$run/release.json" ] && continue
     flags=; case $run in ekd*|joint_ce*) flags="--recalibrate_bn 20";; esac
     nice -n 5 python -m ddnn_jax.release --workdir "$OUT/$run" \
-      --out "$REPO/docs/models/study30/$run" $flags || return
+      --out "$RELEASED/$run" $flags || return
   done
 }
 check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
