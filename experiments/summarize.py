@@ -70,6 +70,7 @@ def load_run(workdir: str) -> dict | None:
     # Attempts recorded before CPU time was kept count their wall time x cores.
     run['cpu_seconds'] = sum(a.get('cpu_seconds', a['seconds'] * (os.cpu_count() or 1))
                              for a in attempts)
+    _add_unrecorded_attempts(run, attempts, event_spans(workdir))
   settings_path = os.path.join(workdir, 'driver_settings.json')
   if os.path.exists(settings_path):
     with open(settings_path) as f:
@@ -90,6 +91,45 @@ def load_run(workdir: str) -> dict | None:
     if scored.get('depths'):
       run['recalibrated'] = scored
   return run
+
+
+def event_spans(workdir: str) -> list[tuple[float, float]]:
+  """(first, last) wall time of each TensorBoard event file in `workdir`, in
+  order: each training process writes its own file, so one span per attempt
+  that got as far as writing (the file's first event is its creation)."""
+  import tensorflow as tf  # as reporting.read_scalars: only event readers need TF
+
+  spans = []
+  for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
+    times = [event.wall_time for event in tf.compat.v1.train.summary_iterator(path)]
+    if times:
+      spans.append((min(times), max(times)))
+  return sorted(spans)
+
+
+def _add_unrecorded_attempts(run: dict, attempts: list[dict],
+                             spans: list[tuple[float, float]]) -> None:
+  """Adds the attempts the driver never recorded to `run`'s time, as estimates.
+
+  The driver appends an attempt to attempts.json when its training process
+  ends; a process killed with its session (and the driver with it) leaves only
+  its event file. Such an attempt is timed from its first to its last event
+  (start-up and the time after the last write are missed), and its CPU time is
+  that wall time at the recorded attempts' CPU/wall ratio."""
+  if all('started' in a for a in attempts):
+    unrecorded = [(first, last) for first, last in spans
+                  if not any(a['started'] - 1 <= first <= a['started'] + a['seconds']
+                             for a in attempts)]
+  else:  # older records without start times: the recorded attempts came last
+    unrecorded = spans[:max(len(spans) - len(attempts), 0)]
+  if not unrecorded:
+    return
+  seconds = sum(last - first for first, last in unrecorded)
+  ratio = (run['cpu_seconds'] / run['seconds'] if run['seconds'] > 0
+           else float(os.cpu_count() or 1))
+  run['seconds'] += seconds
+  run['cpu_seconds'] += seconds * ratio
+  run['estimated_attempts'] = len(unrecorded)
 
 
 def _mean_sd(values: list[float]) -> dict:
@@ -184,11 +224,18 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
   return '\n'.join(lines) + '\n'
 
 
-def _cpu_hours(runs: list[dict], group: str) -> float | None:
-  """Mean CPU hours of a group's finished runs (one run per seed)."""
-  hours = [r['cpu_seconds'] / 3600 for r in runs
-           if r['group'] == group and r['done'] and 'cpu_seconds' in r]
-  return statistics.fmean(hours) if hours else None
+def _cpu_hours(runs: list[dict], group: str) -> str | None:
+  """Mean CPU hours of a group's finished runs (one run per seed), `~` where a
+  run's time includes estimated attempts."""
+  timed = [r for r in runs if r['group'] == group and r['done'] and 'cpu_seconds' in r]
+  return _hours_text(timed)
+
+
+def _hours_text(timed: list[dict]) -> str | None:
+  if not timed:
+    return None
+  mean = statistics.fmean(r['cpu_seconds'] / 3600 for r in timed)
+  return f'{"~" if any("estimated_attempts" in r for r in timed) else ""}{mean:.2f}'
 
 
 def compare_nets(runs: list[dict]) -> dict:
@@ -214,14 +261,15 @@ def _comparison_table(runs: list[dict], summary: dict, recal: dict, costs: dict,
            '`--comparison`). One row per deployable net; ekd and joint_ce after '
            'BatchNorm re-calibration. CPU hours: one run (one seed) of the method, '
            'on this machine; `+ teacher`: the method also needs the individually '
-           'trained ResNet-20 it starts from (individual, 3,3,3 row).', '',
+           'trained ResNet-20 it starts from (individual, 3,3,3 row); `~`: includes '
+           'attempts timed from their event files (see the time table).', '',
            '| method | net | params | GFLOPs | top-1 | CPU hours per run |',
            '|---|---|---|---|---|---|']
 
   def row(method, net, cost, top1, hours, extra=''):
     params = 'n/a' if cost.get('params') is None else f'{cost["params"]:,}'
     flops = 'n/a' if cost.get('flops') is None else f'{cost["flops"] / 1e9:.4f}'
-    hours_text = 'n/a' if hours is None else f'{hours:.2f}{extra}'
+    hours_text = 'n/a' if hours is None else f'{hours}{extra}'
     lines.append(f'| {method} | {net} | {params} | {flops} | {_fmt(top1)} | {hours_text} |')
 
   for group in ('ekd', 'joint_ce'):
@@ -230,11 +278,10 @@ def _comparison_table(runs: list[dict], summary: dict, recal: dict, costs: dict,
       row(group, depth_name(depth), costs[depth], source.get(depth, {}).get('top1'),
           _cpu_hours(runs, group))
   for depth in depths if 'individual' in summary else ():
-    hours = [r['cpu_seconds'] / 3600 for r in runs if 'eval' in r and 'cpu_seconds' in r
+    timed = [r for r in runs if 'eval' in r and 'cpu_seconds' in r
              and r['name'].startswith(f'individual_d{depth[0]}_s')]
     row('individual', depth_name(depth), costs[depth],
-        summary['individual'].get(depth, {}).get('top1'),
-        statistics.fmean(hours) if hours else None)
+        summary['individual'].get(depth, {}).get('top1'), _hours_text(timed))
   for group in COMPARISON:
     for (g, net), cell in nets.items():
       if g == group:
@@ -298,9 +345,14 @@ def _recalibration_table(runs: list[dict], depths: list) -> list[str]:
 
 def _time_table(runs: list[dict]) -> list[str]:
   lines = ['', 'Wall and CPU time per run on this machine (all attempts summed; CPU '
-           'time of the training processes, BN re-calibration not included):', '',
+           'time of the training processes, BN re-calibration not included). `~`: '
+           'the run includes attempts killed with their session, which the driver '
+           'never recorded; each is timed from its TensorBoard event file (first to '
+           'last event, so start-up is missed) and its CPU time is that wall time at '
+           'the run\'s recorded CPU/wall ratio:', '',
            '| run | finished | wall minutes | CPU hours |', '|---|---|---|---|']
   total = cpu_total = 0.0
+  estimated = False
   for run in sorted(runs, key=lambda r: r['name']):
     seconds, cpu = run.get('seconds', 0.0), run.get('cpu_seconds', 0.0)
     total += seconds
@@ -308,9 +360,14 @@ def _time_table(runs: list[dict]) -> list[str]:
     if 'rebuilt_from' in run:
       lines.append(f'| {run["name"]} | yes (rebuilt from its release) | lost | lost |')
       continue
-    lines.append(f'| {run["name"]} | {"yes" if run["done"] else "no"} | {seconds / 60:.1f} | '
-                 f'{cpu / 3600:.2f} |')
-  lines.append(f'| **total** | | **{total / 60:.1f}** | **{cpu_total / 3600:.2f}** |')
+    mark = '~' if 'estimated_attempts' in run else ''
+    estimated |= bool(mark)
+    count = run.get('estimated_attempts', 0)
+    note = f' ({count} unrecorded attempt{"s" * (count > 1)})' if mark else ''
+    lines.append(f'| {run["name"]} | {"yes" if run["done"] else "no"}{note} | '
+                 f'{mark}{seconds / 60:.1f} | {mark}{cpu / 3600:.2f} |')
+  mark = '~' if estimated else ''
+  lines.append(f'| **total** | | **{mark}{total / 60:.1f}** | **{mark}{cpu_total / 3600:.2f}** |')
   return lines
 
 
