@@ -62,6 +62,7 @@ def load_run(workdir: str) -> dict | None:
   method = 'individual' if group.startswith('individual_d') else group
   run = {'name': name, 'group': method, 'seed': int(match['seed']),
          'workdir': workdir, 'done': os.path.exists(os.path.join(workdir, 'DONE.json'))}
+  attempts = []
   attempts_path = os.path.join(workdir, 'attempts.json')
   if os.path.exists(attempts_path):
     with open(attempts_path) as f:
@@ -70,7 +71,6 @@ def load_run(workdir: str) -> dict | None:
     # Attempts recorded before CPU time was kept count their wall time x cores.
     run['cpu_seconds'] = sum(a.get('cpu_seconds', a['seconds'] * (os.cpu_count() or 1))
                              for a in attempts)
-    _add_unrecorded_attempts(run, attempts, event_spans(workdir))
   settings_path = os.path.join(workdir, 'driver_settings.json')
   if os.path.exists(settings_path):
     with open(settings_path) as f:
@@ -85,6 +85,8 @@ def load_run(workdir: str) -> dict | None:
   if os.path.exists(eval_path):
     with open(eval_path) as f:
       run['eval'] = json.load(f)
+  if attempts:
+    _scale_to_whole_run(run, attempts, event_files(workdir))
   for path in glob.glob(os.path.join(workdir, 'eval_validation_bnrecal*.json')):
     with open(path) as f:
       scored = json.load(f)
@@ -93,43 +95,61 @@ def load_run(workdir: str) -> dict | None:
   return run
 
 
-def event_spans(workdir: str) -> list[tuple[float, float]]:
-  """(first, last) wall time of each TensorBoard event file in `workdir`, in
-  order: each training process writes its own file, so one span per attempt
-  that got as far as writing (the file's first event is its creation)."""
+def event_files(workdir: str) -> list[dict]:
+  """What each TensorBoard event file in `workdir` says about the attempt that
+  wrote it (each training process writes its own file), oldest first:
+  `first_wall`/`last_wall` (its first event is the file's creation) and
+  `first_train_step`/`last_train_step` (its `train/*` scalars; None if none)."""
   import tensorflow as tf  # as reporting.read_scalars: only event readers need TF
 
-  spans = []
+  files = []
   for path in glob.glob(os.path.join(workdir, 'events.out.tfevents.*')):
-    times = [event.wall_time for event in tf.compat.v1.train.summary_iterator(path)]
-    if times:
-      spans.append((min(times), max(times)))
-  return sorted(spans)
+    walls, steps = [], []
+    for event in tf.compat.v1.train.summary_iterator(path):
+      walls.append(event.wall_time)
+      if any(value.tag.startswith('train/') for value in event.summary.value):
+        steps.append(event.step)
+    if walls:
+      files.append({'first_wall': min(walls), 'last_wall': max(walls),
+                    'first_train_step': min(steps) if steps else None,
+                    'last_train_step': max(steps) if steps else None})
+  return sorted(files, key=lambda f: f['first_wall'])
 
 
-def _add_unrecorded_attempts(run: dict, attempts: list[dict],
-                             spans: list[tuple[float, float]]) -> None:
-  """Adds the attempts the driver never recorded to `run`'s time, as estimates.
+def _scale_to_whole_run(run: dict, attempts: list[dict], files: list[dict]) -> None:
+  """Scales a resumed run's time to the whole run, marked as an estimate.
 
   The driver appends an attempt to attempts.json when its training process
   ends; a process killed with its session (and the driver with it) leaves only
-  its event file. Such an attempt is timed from its first to its last event
-  (start-up and the time after the last write are missed), and its CPU time is
-  that wall time at the recorded attempts' CPU/wall ratio."""
+  its event file, so the recorded time covers only the steps trained after the
+  last resume. Those steps are counted from the recorded attempts' event files
+  (a resume starts at an epoch checkpoint: the epoch before the first logged
+  step), and the recorded wall and CPU time are scaled by final step / those
+  steps: the run's cost at the speed of the attempts that finished. (Wall time
+  of the killed attempts is not used: the study pauses runs while other work
+  holds the cores.)"""
   if all('started' in a for a in attempts):
-    unrecorded = [(first, last) for first, last in spans
-                  if not any(a['started'] - 1 <= first <= a['started'] + a['seconds']
-                             for a in attempts)]
+    covered = [f for f in files
+               if any(a['started'] - 1 <= f['first_wall'] <= a['started'] + a['seconds']
+                      for a in attempts)]
   else:  # older records without start times: the recorded attempts came last
-    unrecorded = spans[:max(len(spans) - len(attempts), 0)]
-  if not unrecorded:
+    covered = files[len(files) - len(attempts):] if len(files) > len(attempts) else files
+  if len(covered) == len(files) or 'eval' not in run:
     return
-  seconds = sum(last - first for first, last in unrecorded)
-  ratio = (run['cpu_seconds'] / run['seconds'] if run['seconds'] > 0
-           else float(os.cpu_count() or 1))
-  run['seconds'] += seconds
-  run['cpu_seconds'] += seconds * ratio
-  run['estimated_attempts'] = len(unrecorded)
+  final_step, per_epoch = run['eval']['step'], _steps_per_epoch(run)
+  trained = 0.0
+  for f in covered:
+    if f['first_train_step'] is None:
+      continue
+    start = (f['first_train_step'] - 1) // per_epoch * per_epoch if per_epoch > 1 else 0
+    trained += f['last_train_step'] - start
+  if trained <= 0 or trained >= final_step:  # restarted from scratch: all recorded
+    return
+  scale = final_step / trained
+  run['seconds'] *= scale
+  run['cpu_seconds'] *= scale
+  run['estimated_attempts'] = len(files) - len(covered)
+  run['recorded_fraction'] = 1 / scale
 
 
 def _mean_sd(values: list[float]) -> dict:
@@ -261,8 +281,9 @@ def _comparison_table(runs: list[dict], summary: dict, recal: dict, costs: dict,
            '`--comparison`). One row per deployable net; ekd and joint_ce after '
            'BatchNorm re-calibration. CPU hours: one run (one seed) of the method, '
            'on this machine; `+ teacher`: the method also needs the individually '
-           'trained ResNet-20 it starts from (individual, 3,3,3 row); `~`: includes '
-           'attempts timed from their event files (see the time table).', '',
+           'trained ResNet-20 it starts from (individual, 3,3,3 row); `~`: a run '
+           'resumed after unrecorded attempts, its time scaled to the whole run (see '
+           'the time table).', '',
            '| method | net | params | GFLOPs | top-1 | CPU hours per run |',
            '|---|---|---|---|---|---|']
 
@@ -346,10 +367,10 @@ def _recalibration_table(runs: list[dict], depths: list) -> list[str]:
 def _time_table(runs: list[dict]) -> list[str]:
   lines = ['', 'Wall and CPU time per run on this machine (all attempts summed; CPU '
            'time of the training processes, BN re-calibration not included). `~`: '
-           'the run includes attempts killed with their session, which the driver '
-           'never recorded; each is timed from its TensorBoard event file (first to '
-           'last event, so start-up is missed) and its CPU time is that wall time at '
-           'the run\'s recorded CPU/wall ratio:', '',
+           'the run was resumed after attempts killed with their session, which the '
+           'driver never recorded; its recorded time, which covers only the steps '
+           'trained after the last resume (counted from the event files), is scaled '
+           'to the whole run:', '',
            '| run | finished | wall minutes | CPU hours |', '|---|---|---|---|']
   total = cpu_total = 0.0
   estimated = False
@@ -363,7 +384,8 @@ def _time_table(runs: list[dict]) -> list[str]:
     mark = '~' if 'estimated_attempts' in run else ''
     estimated |= bool(mark)
     count = run.get('estimated_attempts', 0)
-    note = f' ({count} unrecorded attempt{"s" * (count > 1)})' if mark else ''
+    note = (f' ({count} unrecorded attempt{"s" * (count > 1)}; recorded '
+            f'{run.get("recorded_fraction", 1) * 100:.0f}% of the steps)' if mark else '')
     lines.append(f'| {run["name"]} | {"yes" if run["done"] else "no"}{note} | '
                  f'{mark}{seconds / 60:.1f} | {mark}{cpu / 3600:.2f} |')
   mark = '~' if estimated else ''

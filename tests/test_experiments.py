@@ -321,45 +321,59 @@ def test_summary_compares_every_deployable_net_of_every_method(tmp_path):
   assert '(0,)' not in text and 'Ablations' not in text
 
 
-def _event_file(workdir, name, wall_times):
-  """A TensorBoard event file whose events carry the given wall times."""
+def _event_file(workdir, name, wall_times, train_steps):
+  """A TensorBoard event file: its creation event at wall_times[0], then a
+  `train/loss` scalar at each of train_steps, at the following wall times."""
   import tensorflow as tf
+  from tensorflow.core.framework import summary_pb2
   from tensorflow.core.util import event_pb2
 
   with tf.io.TFRecordWriter(str(workdir / f'events.out.tfevents.{name}')) as writer:
-    for step, wall_time in enumerate(wall_times):
-      writer.write(event_pb2.Event(wall_time=wall_time, step=step).SerializeToString())
+    writer.write(event_pb2.Event(wall_time=wall_times[0]).SerializeToString())
+    for wall_time, step in zip(wall_times[1:], train_steps):
+      value = summary_pb2.Summary.Value(tag='train/loss', simple_value=1.0)
+      writer.write(event_pb2.Event(wall_time=wall_time, step=step,
+                                   summary=summary_pb2.Summary(value=[value]))
+                   .SerializeToString())
 
 
 @pytest.mark.parametrize('started', [True, False])
-def test_attempts_killed_with_their_session_are_timed_from_their_event_files(tmp_path,
-                                                                             started):
+def test_a_run_resumed_after_unrecorded_attempts_is_timed_for_all_its_steps(tmp_path,
+                                                                           started):
   """A run resumed after its session was cut: the killed attempt left an event
-  file but no attempts.json entry; its time is estimated and marked."""
+  file but no attempts.json entry, so the recorded time covers only the steps
+  after the resume, and is scaled to the whole run and marked."""
   out = tmp_path / 'out'
-  killed = _fake_run(out, 'ekd_s0', [((1, 1, 1), 0.6), ((3, 3, 3), 0.8)])
+  # 30 steps in 3 epochs: checkpoints every 10 steps.
+  resumed = _fake_run(out, 'ekd_s0', [((1, 1, 1), 0.6), ((3, 3, 3), 0.8)])
   recorded = {'seconds': 600.0, 'cpu_seconds': 1200.0, 'returncode': 0}
   if started:
     recorded['started'] = 1000.0
-  (killed / 'attempts.json').write_text(json.dumps([recorded]))
-  _event_file(killed, 'a', [100.0, 250.0, 400.0])     # killed: 300 s, never recorded
-  _event_file(killed, 'b', [1010.0, 1590.0])          # the recorded attempt
-  whole = _fake_run(out, 'joint_ce_s0', [((1, 1, 1), 0.5), ((3, 3, 3), 0.7)])
-  (whole / 'attempts.json').write_text(json.dumps(
-      [{'started': 1000.0, 'seconds': 60.0, 'cpu_seconds': 120.0, 'returncode': 0}]))
-  _event_file(whole, 'a', [1005.0, 1050.0])
+  (resumed / 'attempts.json').write_text(json.dumps([recorded]))
+  _event_file(resumed, 'a', [100.0, 200.0, 400.0], [5, 18])    # killed after step 18
+  _event_file(resumed, 'b', [1010.0, 1100.0, 1590.0], [15, 30])  # resumed from step 10
+  restarted = _fake_run(out, 'joint_ce_s0', [((1, 1, 1), 0.5), ((3, 3, 3), 0.7)])
+  recorded = {'seconds': 60.0, 'cpu_seconds': 120.0, 'returncode': 0}
+  if started:
+    recorded['started'] = 1000.0
+  (restarted / 'attempts.json').write_text(json.dumps([recorded]))
+  _event_file(restarted, 'a', [100.0, 150.0], [5])             # killed before a checkpoint
+  _event_file(restarted, 'b', [1005.0, 1010.0, 1050.0], [5, 30])
   _fake_run(out, 'offline_kd_d1_s0', [((1, 1, 1), 0.55)])   # so the comparison table shows
 
-  assert summarize.event_spans(str(killed)) == [(100.0, 400.0), (1010.0, 1590.0)]
-  run = summarize.load_run(str(killed))
-  assert run['seconds'] == pytest.approx(900.0)
-  assert run['cpu_seconds'] == pytest.approx(1200.0 + 300.0 * 2)   # at the recorded ratio
+  files = summarize.event_files(str(resumed))
+  assert [(f['first_wall'], f['last_wall'], f['first_train_step'], f['last_train_step'])
+          for f in files] == [(100.0, 400.0, 5, 18), (1010.0, 1590.0, 15, 30)]
+  run = summarize.load_run(str(resumed))
+  assert run['seconds'] == pytest.approx(900.0)        # 20 of 30 steps took 600 s
+  assert run['cpu_seconds'] == pytest.approx(1800.0)
   assert run['estimated_attempts'] == 1
-  assert 'estimated_attempts' not in summarize.load_run(str(whole))
+  assert summarize.load_run(str(restarted))['seconds'] == pytest.approx(60.0)
   results = tmp_path / 'results'
   summarize.main(['--out', str(out), '--results', str(results), '--no-curves'])
   text = (results / 'cifar10_ekd.md').read_text()
-  assert '| ekd_s0 | yes (1 unrecorded attempt) | ~15.0 | ~0.50 |' in text
+  assert ('| ekd_s0 | yes (1 unrecorded attempt; recorded 67% of the steps) | ~15.0 | ~0.50 |'
+          in text)
   assert '| joint_ce_s0 | yes | 1.0 | 0.03 |' in text
   assert '| **total** | | **~17.0** | **~0.57** |' in text
   assert '| ekd | ResNet-8 (1,1,1) | 3,000 | 0.0300 | 60.00 (n=1) | ~0.50 |' in text
