@@ -23,8 +23,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict()
   config.model.name = 'cifar_resnet20'  # a preset of ddnn_jax.models.PRESETS
   config.model.width_multiplier = 1.0  # scales every channel count
-  # BatchNorm across depths: 'shared', 'private_stats' or 'private_all'.
-  config.model.bn_mode = 'shared'
+  # BatchNorm across depths: 'shared', 'private_stats' (statistics per depth),
+  # 'private_all' (scale, bias and statistics per depth), or 'auto': the
+  # method's own, 'private_all' for ekd (docs/RESULTS.md, the 30-epoch study)
+  # unless any_depth.k > 0, 'shared' for every other method. A run's
+  # config.json records the mode it resolved to; a resumed run keeps it.
+  config.model.bn_mode = 'auto'
   config.model.dtype = 'float32'  # compute dtype; 'bfloat16' on TPU
   config.model.zero_init_residual = False  # zero the last BN scale of each block
   # Convolution kernels: 'auto' (oneDNN when the program runs on a one-device

@@ -121,7 +121,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   can use, and the flag that fixes it. Reads no data and writes nothing."""
   _check_choice(config, 'method', methods.names())
   _check_choice(config, 'model.name', tuple(models.PRESETS))
-  _check_choice(config, 'model.bn_mode', models.BN_MODES)
+  _check_choice(config, 'model.bn_mode', (methods.BN_AUTO, *models.BN_MODES))
   _check_choice(config, 'model.head_grad', models.HEAD_GRADS)
   _check_choice(config, 'model.conv_impl', onednn_conv.IMPLS)
   _check_choice(config, 'optim.schedule', optim.SCHEDULES)

@@ -20,6 +20,7 @@ from ddnn_jax import (
   any_depth,
   checkpointing,
   config_checks,
+  config_lib,
   evaluate,
   experiment,
   input_pipeline,
@@ -193,12 +194,21 @@ def _build(config: ml_collections.ConfigDict) -> experiment.Experiment:
                           experiment.DataSpec.from_info(_dataset_info(config.data), config))
 
 
+def _saved_config(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config.json of a run started in `workdir` before, if any."""
+  try:
+    return config_lib.load_saved(workdir)
+  except FileNotFoundError:
+    return None
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains `config` in `workdir`, resuming from its latest checkpoint; returns
   the final evaluation metrics."""
   # Everything that can be refused is refused before anything is written.
   config_checks.validate(config)
   workdir_lib.check_workdir(workdir)
+  methods.resolve_bn_mode(config, _saved_config(workdir))
   workdir_lib.check_config(config, workdir)
   exp = _build(config)
   mesh = exp.mesh

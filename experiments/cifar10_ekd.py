@@ -76,6 +76,9 @@ ABLATIONS = {
     # (and statistics), so the shared head need not see one feature scale.
     'ekd_full_ce2': {'ekd.full_ce': 2.0},
     'ekd_bn_private_all': {'model.bn_mode': 'private_all'},
+    # EKD's default before the 30-epoch study made 'private_all' it (the
+    # study's ekd runs, pinned at an earlier commit, trained with this).
+    'ekd_bn_shared': {'model.bn_mode': 'shared'},
     # The shared head trained by the full net alone: the sub-nets must feed it
     # features the full net's head reads, instead of bending it to theirs.
     'ekd_head_full': {'model.head_grad': 'full'},

@@ -149,6 +149,9 @@ def test_smoke_variant_trains(name, tmp_path):
   assert config.data.name == 'digits'
   metrics = train.train_and_evaluate(config, str(tmp_path))
   assert metrics['count'] == 360
+  # 'auto' is resolved into the run's config.json: private_all for EKD.
+  assert config_lib.load_saved(str(tmp_path)).model.bn_mode == (
+      'private_all' if config.method == 'ekd' else 'shared')
   top1 = [v for k, v in metrics.items() if k.endswith('/top1')]
   members = methods.create_method(config, 10, 1).depths  # depths, branches or peers
   assert len(top1) == len(members) and all(np.isfinite(top1))

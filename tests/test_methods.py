@@ -138,8 +138,11 @@ KD_FROM_STEP = 2
 
 
 def teacher_workdir(tmp_path) -> str:
-  """A workdir holding a (randomly initialised) DDNN's checkpoint at step 0."""
-  exp = experiment.build(smoke(), mesh_lib.create_mesh(), DATA)
+  """A workdir holding a (randomly initialised) DDNN's checkpoint at step 0,
+  with shared norm layers, as the plug-in below builds its teacher."""
+  config = smoke()
+  config.model.bn_mode = 'shared'
+  exp = experiment.build(config, mesh_lib.create_mesh(), DATA)
   manager = checkpointing.create_manager(str(tmp_path / 'teacher'), async_save=False)
   checkpointing.save(manager, 0, exp.init_state(jax.random.key(7)))
   manager.close()
@@ -216,3 +219,46 @@ def test_a_method_record_is_frozen():
   method = methods.create_method(smoke(), NUM_CLASSES, 10)
   with pytest.raises(dataclasses.FrozenInstanceError):
     method.depths = ()
+
+
+@pytest.mark.parametrize('method, fields, expected', [
+    ('ekd', {}, 'private_all'),          # the 30-epoch study's best EKD setting
+    ('ekd', {'any_depth.k': 2}, 'shared'),  # any-depth training needs shared norms
+    ('joint_ce', {}, 'shared'),
+    ('individual', {}, 'shared'),
+    ('one', {}, 'shared'),
+    ('mcod', {}, 'shared'),
+    ('depth_pruning', {}, 'shared'),
+    ('indistill', {}, 'shared'),
+    ('offline_kd', {}, 'shared'),
+    ('ekd', {'model.bn_mode': 'shared'}, 'shared'),  # an explicit mode wins
+    ('joint_ce', {'model.bn_mode': 'private_stats'}, 'private_stats'),
+])
+def test_auto_bn_mode_is_each_methods_own(method, fields, expected):
+  config = smoke(method=method)
+  assert config.model.bn_mode == methods.BN_AUTO
+  for field, value in fields.items():
+    section, name = field.split('.')
+    config[section][name] = value
+  assert methods.bn_mode(config) == expected
+  assert methods.create_model(config, NUM_CLASSES).bn_mode == expected
+  methods.resolve_bn_mode(config)
+  assert config.model.bn_mode == expected
+
+
+def test_a_resumed_run_keeps_the_bn_mode_it_started_with():
+  """'auto' may name another mode than when the run started (the default
+  changed): the run's config.json decides."""
+  config, saved = smoke(method='ekd'), smoke(method='ekd')
+  saved.model.bn_mode = 'shared'
+  methods.resolve_bn_mode(config, saved)
+  assert config.model.bn_mode == 'shared'
+  explicit = smoke(method='ekd')
+  explicit.model.bn_mode = 'private_stats'   # asked for: checked against the run as before
+  methods.resolve_bn_mode(explicit, saved)
+  assert explicit.model.bn_mode == 'private_stats'
+
+
+def test_a_method_registered_with_an_unknown_bn_mode_is_refused():
+  with pytest.raises(ValueError, match="bn_mode 'private' is not one of"):
+    methods.register('nowhere', bn_mode='private')

@@ -18,6 +18,7 @@ from ddnn_jax.methods import (  # noqa: F401, E402 -- they register
     one,
 )
 from ddnn_jax.methods.base import (
+    BN_AUTO,
     Builder,
     Method,
     Objective,
@@ -25,6 +26,7 @@ from ddnn_jax.methods.base import (
     Trainable,
     Transition,
     apply_transitions,
+    bn_mode,
     create_method,
     create_model,
     keep_frozen,
@@ -32,9 +34,10 @@ from ddnn_jax.methods.base import (
     phase_index,
     phased,
     register,
+    resolve_bn_mode,
     train_depths,
 )
 
-__all__ = ['Builder', 'Method', 'Objective', 'Teacher', 'Trainable', 'Transition',
-           'apply_transitions', 'create_method', 'create_model', 'keep_frozen', 'names',
-           'phase_index', 'phased', 'register', 'train_depths']
+__all__ = ['BN_AUTO', 'Builder', 'Method', 'Objective', 'Teacher', 'Trainable', 'Transition',
+           'apply_transitions', 'bn_mode', 'create_method', 'create_model', 'keep_frozen',
+           'names', 'phase_index', 'phased', 'register', 'resolve_bn_mode', 'train_depths']

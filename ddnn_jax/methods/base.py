@@ -94,16 +94,51 @@ class Method:
 # (config, num_classes, steps_per_epoch or None) -> Method
 Builder = Callable[[ml_collections.ConfigDict, int, 'int | None'], Method]
 _REGISTRY: dict[str, Builder] = {}
+# What `model.bn_mode='auto'` (the configs' default) means for each method.
+_BN_DEFAULTS: dict[str, str] = {}
+BN_AUTO = 'auto'
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-  """Decorator: makes `config.method = name` build a Method with the builder."""
+def register(name: str, *, bn_mode: str = 'shared') -> Callable[[Builder], Builder]:
+  """Decorator: makes `config.method = name` build a Method with the builder;
+  `bn_mode` is the BatchNorm mode the method trains with when the config
+  leaves `model.bn_mode` at 'auto'."""
+  if bn_mode not in models.BN_MODES:
+    raise ValueError(f'method {name!r}: bn_mode {bn_mode!r} is not one of {models.BN_MODES}')
+
   def decorate(builder: Builder) -> Builder:
     if name in _REGISTRY and _REGISTRY[name] is not builder:
       raise ValueError(f'method {name!r} is registered twice')
     _REGISTRY[name] = builder
+    _BN_DEFAULTS[name] = bn_mode
     return builder
   return decorate
+
+
+def bn_mode(config: ml_collections.ConfigDict) -> str:
+  """The BatchNorm mode `config` trains with: `model.bn_mode`, or for 'auto'
+  its method's default ('shared' where any-depth training is on, which needs
+  shared norm layers)."""
+  mode = config.model.bn_mode
+  if mode != BN_AUTO:
+    return mode
+  if config.get('any_depth', {}).get('k', 0):
+    return 'shared'
+  return _BN_DEFAULTS.get(config.method, 'shared')
+
+
+def resolve_bn_mode(config: ml_collections.ConfigDict,
+                    saved: ml_collections.ConfigDict | None = None) -> None:
+  """Writes the mode `bn_mode(config)` names into `config.model.bn_mode`, so
+  that the run's config.json says which one it trained with; a run resumed
+  from `saved` (its config.json) keeps the mode it was started with, since
+  'auto' may have named another one then."""
+  if config.model.bn_mode != BN_AUTO:
+    return
+  if saved is not None and saved.get('model', {}).get('bn_mode', BN_AUTO) != BN_AUTO:
+    config.model.bn_mode = saved.model.bn_mode
+  else:
+    config.model.bn_mode = bn_mode(config)
 
 
 def names() -> tuple[str, ...]:
@@ -133,7 +168,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
   """The DDNN of `config.model` (`stage_sizes`: a standalone net of that depth)."""
   m = config.model
   return models.create_model(
-      m.name, num_classes, width_multiplier=m.width_multiplier, bn_mode=m.bn_mode,
+      m.name, num_classes, width_multiplier=m.width_multiplier, bn_mode=bn_mode(config),
       dtype=m.dtype, zero_init_residual=m.zero_init_residual,
       conv_impl=m.get('conv_impl', 'xla'), stage_sizes=stage_sizes,
       head_grad=m.get('head_grad', 'all'))
@@ -159,7 +194,7 @@ def any_depth_rule(config: ml_collections.ConfigDict, model: models.DDNNResNet,
     return None
   k = setting(config, 'any_depth.k', is_whole(0), 'a whole number >= 0', '2')
   cap = setting(config, 'any_depth.max_programs', is_whole(1), 'a whole number >= 1', '32')
-  if config.model.bn_mode != 'shared':
+  if bn_mode(config) != 'shared':
     raise ValueError(
         f'any_depth.k={k} needs model.bn_mode=shared (per-depth BatchNorm would need '
         'layers for every depth of the space); pass --config.model.bn_mode=shared and '

@@ -48,7 +48,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """One-line ValueErrors for the fields this method reads."""
   base.setting(config, 'pruning.full_epochs', base.is_number(lambda v: v >= 0),
                'a number >= 0 (0 with --config.init_from)', '20')
-  if config.model.bn_mode != 'shared':
+  if base.bn_mode(config) != 'shared':
     raise ValueError(f"method 'depth_pruning' trains one net per depth, so "
                      f"model.bn_mode={config.model.bn_mode!r} means nothing; pass "
                      "--config.model.bn_mode=shared")

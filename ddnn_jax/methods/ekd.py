@@ -10,7 +10,7 @@ from ddnn_jax import losses
 from ddnn_jax.methods import base
 
 
-@base.register('ekd')
+@base.register('ekd', bn_mode='private_all')
 def build(config: ml_collections.ConfigDict, num_classes: int,
           steps_per_epoch: int | None = None) -> base.Method:
   model = base.create_model(config, num_classes)

@@ -77,7 +77,7 @@ def check_config(config: ml_collections.ConfigDict, num_stages: int) -> None:
                lambda v: len(v) == len(stages) and all(base.is_number(lambda e: e > 0)(e)
                                                        for e in v),
                f'one number > 0 per stage of indistill.stages={stages}', per_stage)
-  if config.model.bn_mode != 'shared':
+  if base.bn_mode(config) != 'shared':
     raise ValueError(f"method 'indistill' trains one net per depth, so model.bn_mode="
                      f"{config.model.bn_mode!r} means nothing; pass --config.model.bn_mode=shared")
 

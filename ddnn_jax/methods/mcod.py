@@ -235,7 +235,7 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def build(config: ml_collections.ConfigDict, num_classes: int,
           steps_per_epoch: int | None = None) -> base.Method:
   s = _settings(config)
-  if config.model.bn_mode != 'shared':
+  if base.bn_mode(config) != 'shared':
     raise ValueError(f'model.bn_mode={config.model.bn_mode!r} sets BatchNorm across DDNN '
                      "depths; MCOD's peers have their own; pass --config.model.bn_mode=shared")
   model = Peers(tuple(s['peers']), num_classes, config.model.width_multiplier,

@@ -200,7 +200,7 @@ def build(config: ml_collections.ConfigDict, num_classes: int,
   temperature = base.setting(config, 'one.temperature', positive, 'a number > 0', '3.0')
   kd_weight = base.setting(config, 'one.kd_weight', at_least_0, 'a number >= 0', '1.0')
   ramp_epochs = base.setting(config, 'one.rampup_epochs', at_least_0, 'a number >= 0', '80')
-  if config.model.bn_mode != 'shared':
+  if base.bn_mode(config) != 'shared':
     raise ValueError(f"model.bn_mode={config.model.bn_mode!r} sets BatchNorm across DDNN "
                      "depths; ONE's branches have their own; pass --config.model.bn_mode=shared")
   model = OneNet(models.get_preset(config.model.name), num_classes, m,
