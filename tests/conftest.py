@@ -114,13 +114,16 @@ def evaluate_cli(*args: str) -> int:
   return run_cli(evaluate, *args)
 
 
-def train_tiny_folder_run(root, workdir: str) -> str:
-  """One epoch of cifar10_folder at width 1/8 on `root` (cifar_roots' ROOT:
-  250 training JPEGs, 50 held out as validation) in `workdir`, about 30 s on
-  two busy cores: a trained run for export and search to read."""
+def train_tiny_folder_run(root, workdir: str, bn_mode: str = 'shared') -> str:
+  """One epoch of cifar10_folder (EKD) at width 1/8 on `root` (cifar_roots'
+  ROOT: 250 training JPEGs, 50 held out as validation) in `workdir`, about
+  30 s on two busy cores: a trained run for export and search to read. With
+  shared norm layers unless `bn_mode` says otherwise ('auto': EKD's default,
+  per-depth ones), since re-calibrating each depth is what those read it for."""
   from ddnn_jax import config_lib, train  # noqa: PLC0415
 
   config = config_lib.load(str(REPO / 'configs' / 'cifar10_folder.py'))
+  config.model.bn_mode = bn_mode
   config.data.root = str(root)
   config.data.validation_size = 50
   config.data.data_dir = f'{workdir}_tfds'

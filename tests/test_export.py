@@ -85,6 +85,29 @@ def test_checkpoint_loads_into_the_standalone_net(trained, reference, capsys):
   assert record['variable_bytes'] < record['size_bytes'] < record['full_size_bytes']
 
 
+def test_an_ekd_run_with_per_depth_norm_layers_exports_a_depth_as_trained(
+    cifar_roots, trained, tmp_path, capsys):
+  """EKD's default (bn_mode 'auto' -> private_all) trains norm layers per
+  depth, so a depth exports with its own, no --recalibrate_bn needed, and the
+  standalone net computes what the DDNN computes at that depth."""
+  _, images, _ = trained
+  workdir = train_tiny_folder_run(cifar_roots[0], str(tmp_path / 'run'), bn_mode='auto')
+  config = config_lib.load_saved(workdir)
+  assert config.method == 'ekd' and config.model.bn_mode == 'private_all'
+  out = tmp_path / 'ckpt'
+  assert export_cli('--workdir', workdir, '--depth', '2,2,2', '--format', 'checkpoint',
+                    '--out', str(out)) == 0
+  capsys.readouterr()
+  config.model.conv_impl = 'xla'
+  method, variables, _ = evaluate.restore(workdir, config, mesh_lib.create_mesh())
+  normalised = (images.astype(np.float32) - np.float32(config.data.mean)) / np.float32(
+      config.data.std)
+  expected = method.model.apply(variables, normalised, depth=DEPTH)
+  exported, _ = checkpointing.read_variables(str(out))
+  net = models.create_model('cifar_resnet20', 10, width_multiplier=0.125, stage_sizes=DEPTH)
+  np.testing.assert_allclose(net.apply(exported, normalised), expected, rtol=0, atol=1e-5)
+
+
 def test_savedmodel_serves_uint8_and_float_pixels(trained, reference, capsys):
   import tensorflow as tf
 
