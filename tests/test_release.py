@@ -46,6 +46,7 @@ def folder_run(cifar_roots, tmp_path_factory):
   config.data.validation_size = 50
   config.data.data_dir = str(tmp / 'tfds')
   config.model.width_multiplier = 0.125
+  config.model.bn_mode = 'shared'   # the per-depth re-calibration a release stores
   config.update(dict(batch_size=50, eval_batch_size=50, num_epochs=1.0,
                      log_every_steps=1, eval_every_epochs=1.0))
   train.train_and_evaluate(config, workdir)
