@@ -341,14 +341,24 @@ def test_a_workdir_refuses_a_config_that_changes_the_state_and_takes_safe_change
 # term on and the KD ramp-up off (METHODS.md's EKD, not today's default): with
 # the default KL-only ramp-up the smoke run's losses agree to 2e-6 for 6 steps,
 # then round-off grows ~10x a step (1.6e-3 by step 9), as the dynamics, not
-# the sharding, amplify it.
+# the sharding, amplify it. Which settings stay quiet depends on the norm
+# layers: these are for shared ones (pinned); with EKD's default per-depth
+# ones (private_all) they agree to 1e-5 for 6 steps and drift to 9e-4 by step
+# 9, while the attention term off (beta 0) keeps all 9 steps within 1e-5, so
+# per-depth norms are checked with that (EQUAL_RUN_PRIVATE_BN).
 EQUAL_RUN = ('--config.ekd.attention=at_p2', '--config.ekd.beta=1.0',
-             '--config.ekd.rampup_epochs=0', '--config.model.conv_impl=xla')
+             '--config.ekd.rampup_epochs=0', '--config.model.conv_impl=xla',
+             '--config.model.bn_mode=shared')
+EQUAL_RUN_PRIVATE_BN = ('--config.ekd.attention=at_p2', '--config.ekd.beta=0.0',
+                        '--config.ekd.rampup_epochs=0', '--config.model.conv_impl=xla',
+                        '--config.model.bn_mode=private_all')
 
 
-def test_eight_devices_match_one_device(tmp_path):
-  one = run_worker(tmp_path / 'one', *EQUAL_RUN, devices=1)
-  eight = run_worker(tmp_path / 'eight', *EQUAL_RUN, devices=8)
+@pytest.mark.parametrize('settings', [EQUAL_RUN, EQUAL_RUN_PRIVATE_BN],
+                         ids=['shared_bn', 'private_bn'])
+def test_eight_devices_match_one_device(tmp_path, settings):
+  one = run_worker(tmp_path / 'one', *settings, devices=1)
+  eight = run_worker(tmp_path / 'eight', *settings, devices=8)
   assert '8 local / 8 global devices' in eight, eight[-2000:]
   a, b = scalars(str(tmp_path / 'one'), 'train/loss'), scalars(str(tmp_path / 'eight'), 'train/loss')
   assert sorted(a) == sorted(b) == list(range(1, 10)), (one[-1000:], eight[-1000:])
