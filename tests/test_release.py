@@ -9,9 +9,9 @@ import pathlib
 import shutil
 
 import pytest
-from conftest import cifar10_tar, evaluate_cli
+from conftest import cifar10_tar, evaluate_cli, train_tiny_folder_run
 
-from ddnn_jax import checkpointing, config_lib, release, train
+from ddnn_jax import checkpointing, config_lib, release
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MODELS = ROOT / 'docs' / 'models' / 'study30'
@@ -36,20 +36,12 @@ def test_per_depth_statistics_name_each_norm_after_its_depth():
 
 @pytest.fixture(scope='module')
 def folder_run(cifar_roots, tmp_path_factory):
-  """One epoch of cifar10_folder at width 1/8 on 300 real CIFAR-10 JPEGs, and
-  its evaluation with per-depth BN re-calibration on 2 batches."""
+  """The tiny trained run of conftest (shared norm layers: the per-depth
+  re-calibration a release stores), and its evaluation with per-depth BN
+  re-calibration on 2 batches."""
   root, other = cifar_roots
   tmp = tmp_path_factory.mktemp('release')
-  workdir = str(tmp / 'run')
-  config = config_lib.load(str(ROOT / 'configs' / 'cifar10_folder.py'))
-  config.data.root = str(root)
-  config.data.validation_size = 50
-  config.data.data_dir = str(tmp / 'tfds')
-  config.model.width_multiplier = 0.125
-  config.model.bn_mode = 'shared'   # the per-depth re-calibration a release stores
-  config.update(dict(batch_size=50, eval_batch_size=50, num_epochs=1.0,
-                     log_every_steps=1, eval_every_epochs=1.0))
-  train.train_and_evaluate(config, workdir)
+  workdir = train_tiny_folder_run(root, str(tmp / 'run'))
   assert evaluate_cli('--workdir', workdir, '--recalibrate_bn', '2') == 0
   return workdir, other, tmp
 
@@ -74,7 +66,7 @@ def test_a_release_holds_variables_only_and_scores_as_its_source(folder_run, cap
   # A plain evaluation (no re-calibration) given the training root reproduces it.
   root = config_lib.load_saved(workdir).data.root
   assert evaluate_cli('--workdir', out, f'--config.data.root={root}',
-                      f'--config.data.data_dir={tmp}/tfds') == 0
+                      f'--config.data.data_dir={workdir}_tfds') == 0
   with open(os.path.join(out, 'eval_validation.json')) as f:
     plain = {tuple(r['depth']): r['top1'] for r in json.load(f)['depths']}
   assert plain == source
