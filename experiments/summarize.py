@@ -98,7 +98,7 @@ def load_run(workdir: str) -> dict | None:
 def event_files(workdir: str) -> list[dict]:
   """What each TensorBoard event file in `workdir` says about the attempt that
   wrote it (each training process writes its own file), oldest first:
-  `first_wall`/`last_wall` (its first event is the file's creation) and
+  `first_wall` (its first event is the file's creation) and
   `first_train_step`/`last_train_step` (its `train/*` scalars; None if none)."""
   import tensorflow as tf  # as reporting.read_scalars: only event readers need TF
 
@@ -110,7 +110,7 @@ def event_files(workdir: str) -> list[dict]:
       if any(value.tag.startswith('train/') for value in event.summary.value):
         steps.append(event.step)
     if walls:
-      files.append({'first_wall': min(walls), 'last_wall': max(walls),
+      files.append({'first_wall': min(walls),
                     'first_train_step': min(steps) if steps else None,
                     'last_train_step': max(steps) if steps else None})
   return sorted(files, key=lambda f: f['first_wall'])
