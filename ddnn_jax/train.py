@@ -129,8 +129,10 @@ def make_update(exp: experiment.Experiment):
     }
     finite = _all_finite((loss, grads, params, batch_stats))
     if skip_nonfinite:  # keep the old state, count the step
-      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state,
-                               state.replace(step=state.step + 1))
+      # One branch select, not a select per leaf: the per-leaf jnp.where
+      # made XLA compile the train step about 8x slower.
+      new_state = jax.lax.cond(finite, lambda: new_state,
+                               lambda: state.replace(step=state.step + 1))
     metrics['train/nonfinite'] = 1 - finite.astype(jnp.int32)
     return new_state, metrics
 
