@@ -6,8 +6,9 @@ Needs no download (scikit-learn's 8x8 digits, prepared as a TFDS dataset on firs
 use). cifar_resnet20 at width 0.5 holding depths (1,1,1), (2,2,2), (3,3,3),
 15 epochs of 1,437 images: training and evaluation take about 1.5 minutes on
 two CPU cores and print the per-depth table. Top-1 on the 360 test digits, as
-a fresh install reproduces it (.ci/run checks README's table): 68.33% for
-(1,1,1), 97.78% for (2,2,2), 86.94% for the full net.
+a fresh install reproduces it (.ci/run checks README's table): 98.61% for
+(1,1,1), 98.33% for (2,2,2) and for the full net, with EKD's default
+per-depth BatchNorm (68.33 / 97.78 / 86.94 with --config.model.bn_mode=shared).
 """
 
 import ml_collections
