@@ -27,6 +27,8 @@ import numpy as np
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
+if ROOT not in sys.path:  # the config files import `configs`; bench/ stays first
+  sys.path.insert(1, ROOT)
 CONFIG = os.path.join(ROOT, 'configs', 'cifar10_folder.py')
 DEPTHS = ((1, 1, 1), (2, 2, 2), (3, 3, 3))
 SUBNET_DEPTH = (2, 2, 2)
@@ -88,8 +90,6 @@ def plain(tree):
 def import_jax(conv_impl: str = 'xla'):
   """jax, after the process settings python -m ddnn_jax.main makes for a config
   with `conv_impl` (they must be made before jax starts)."""
-  if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
   from ddnn_jax import runtime
   runtime.configure_xla_flags()
   runtime.configure_cpu_process(conv_impl)  # as python -m ddnn_jax.main does
@@ -103,8 +103,10 @@ def load_config(width: float, method: str = 'ekd', individual_depth=None):
   config.model.width_multiplier = width
   config.method = method
   # The step the PyTorch peer mirrors (CE + T^2 KL + z-score attention on every
-  # stage, no ramp-up: METHODS.md's EKD), whatever the configs' defaults.
+  # stage, no ramp-up: METHODS.md's EKD; one BatchNorm per layer, shared by the
+  # depths, so the shared prefix runs once), whatever the configs' defaults.
   config.ekd.beta, config.ekd.rampup_epochs = 1.0, 0.0
+  config.model.bn_mode = 'shared'
   if individual_depth is not None:
     config.individual_depth = tuple(individual_depth)
   return config
@@ -204,8 +206,6 @@ def jax_eval(args) -> None:
 
 def torch_peer(args):
   if args.keep_freed_host_memory:  # the same glibc setting as the JAX side
-    if ROOT not in sys.path:
-      sys.path.insert(0, ROOT)
     from ddnn_jax import runtime
     runtime.keep_freed_host_memory()
   import torch
