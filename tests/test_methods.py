@@ -262,3 +262,30 @@ def test_a_resumed_run_keeps_the_bn_mode_it_started_with():
 def test_a_method_registered_with_an_unknown_bn_mode_is_refused():
   with pytest.raises(ValueError, match="bn_mode 'private' is not one of"):
     methods.register('nowhere', bn_mode='private')
+
+
+def test_a_shared_bn_only_method_refuses_every_per_depth_mode_with_its_reason():
+  """register(shared_bn_only=WHY): create_method refuses the per-depth modes
+  before the builder runs, in one line that says why and names the fix."""
+  built = []
+
+  @methods.register('shared_only_probe', shared_bn_only='trains one net per depth')
+  def build(config, num_classes, steps_per_epoch=None):
+    built.append(config.model.bn_mode)
+    return methods.create_method(smoke(method='individual'), num_classes, steps_per_epoch)
+
+  for mode in set(models.BN_MODES) - {'shared'}:
+    config = smoke(method='shared_only_probe')
+    config.model.bn_mode = mode
+    with pytest.raises(ValueError, match=(
+        rf"method 'shared_only_probe' trains one net per depth, so model.bn_mode='{mode}' "
+        r'means nothing; pass --config.model.bn_mode=shared$')):
+      methods.create_method(config, NUM_CLASSES, 10)
+  assert not built
+  for mode in ('shared', 'auto'):
+    config = smoke(method='shared_only_probe')
+    config.model.bn_mode = mode
+    methods.create_method(config, NUM_CLASSES, 10)
+  assert built == ['shared', 'auto']
+  with pytest.raises(ValueError, match="takes shared BatchNorm only, so its bn_mode must be"):
+    methods.register('nowhere', bn_mode='private_all', shared_bn_only='why')

@@ -96,21 +96,31 @@ Builder = Callable[[ml_collections.ConfigDict, int, 'int | None'], Method]
 _REGISTRY: dict[str, Builder] = {}
 # What `model.bn_mode='auto'` (the configs' default) means for each method.
 _BN_DEFAULTS: dict[str, str] = {}
+# Why a method takes shared norm layers only, for the methods that do.
+_SHARED_BN_ONLY: dict[str, str] = {}
 BN_AUTO = 'auto'
 
 
-def register(name: str, *, bn_mode: str = 'shared') -> Callable[[Builder], Builder]:
+def register(name: str, *, bn_mode: str = 'shared',
+             shared_bn_only: str = '') -> Callable[[Builder], Builder]:
   """Decorator: makes `config.method = name` build a Method with the builder;
   `bn_mode` is the BatchNorm mode the method trains with when the config
-  leaves `model.bn_mode` at 'auto'."""
+  leaves `model.bn_mode` at 'auto'. `shared_bn_only`, where given, says why
+  the method takes no other mode (the per-depth modes set BatchNorm across a
+  DDNN's depths): create_method then refuses any other with that reason."""
   if bn_mode not in models.BN_MODES:
     raise ValueError(f'method {name!r}: bn_mode {bn_mode!r} is not one of {models.BN_MODES}')
+  if shared_bn_only and bn_mode != 'shared':
+    raise ValueError(f'method {name!r} takes shared BatchNorm only, so its bn_mode '
+                     f"must be 'shared', not {bn_mode!r}")
 
   def decorate(builder: Builder) -> Builder:
     if name in _REGISTRY and _REGISTRY[name] is not builder:
       raise ValueError(f'method {name!r} is registered twice')
     _REGISTRY[name] = builder
     _BN_DEFAULTS[name] = bn_mode
+    if shared_bn_only:
+      _SHARED_BN_ONLY[name] = shared_bn_only
     return builder
   return decorate
 
@@ -153,6 +163,11 @@ def create_method(config: ml_collections.ConfigDict, num_classes: int,
   if builder is None:
     raise ValueError(
         f'unknown method {config.method!r}; set --config.method to one of {names()}')
+  why = _SHARED_BN_ONLY.get(config.method)
+  if why and bn_mode(config) != 'shared':
+    raise ValueError(
+        f'method {config.method!r} {why}, so model.bn_mode={config.model.bn_mode!r} '
+        'means nothing; pass --config.model.bn_mode=shared')
   method = builder(config, num_classes, steps_per_epoch)
   k = config.get('any_depth', {}).get('k', 0)
   if k and method.any_depth is None:

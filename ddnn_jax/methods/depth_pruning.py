@@ -48,10 +48,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   """One-line ValueErrors for the fields this method reads."""
   base.setting(config, 'pruning.full_epochs', base.is_number(lambda v: v >= 0),
                'a number >= 0 (0 with --config.init_from)', '20')
-  if base.bn_mode(config) != 'shared':
-    raise ValueError(f"method 'depth_pruning' trains one net per depth, so "
-                     f"model.bn_mode={config.model.bn_mode!r} means nothing; pass "
-                     "--config.model.bn_mode=shared")
 
 
 def cut(full_variables: dict, depth: models.Depth) -> dict:
@@ -74,7 +70,7 @@ def _needs_steps(outputs, labels, step, **kwargs):
   raise ValueError("method 'depth_pruning' needs steps_per_epoch in create_method")
 
 
-@base.register('depth_pruning')
+@base.register('depth_pruning', shared_bn_only='trains one net per depth')
 def build(config: ml_collections.ConfigDict, num_classes: int,
           steps_per_epoch: int | None = None) -> base.Method:
   check_config(config)

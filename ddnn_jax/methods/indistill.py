@@ -77,9 +77,6 @@ def check_config(config: ml_collections.ConfigDict, num_stages: int) -> None:
                lambda v: len(v) == len(stages) and all(base.is_number(lambda e: e > 0)(e)
                                                        for e in v),
                f'one number > 0 per stage of indistill.stages={stages}', per_stage)
-  if base.bn_mode(config) != 'shared':
-    raise ValueError(f"method 'indistill' trains one net per depth, so model.bn_mode="
-                     f"{config.model.bn_mode!r} means nothing; pass --config.model.bn_mode=shared")
 
 
 def phases(config: ml_collections.ConfigDict, steps_per_epoch: int
@@ -194,7 +191,7 @@ def _needs_steps(outputs, labels, step, **kwargs):
   raise ValueError("method 'indistill' needs steps_per_epoch in create_method")
 
 
-@base.register('indistill')
+@base.register('indistill', shared_bn_only='trains one net per depth')
 def build(config: ml_collections.ConfigDict, num_classes: int,
           steps_per_epoch: int | None = None) -> base.Method:
   preset = models.get_preset(config.model.name)

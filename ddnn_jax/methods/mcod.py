@@ -231,13 +231,10 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
           for field, check in checks.items()}
 
 
-@base.register('mcod')
+@base.register('mcod', shared_bn_only='trains peers with their own BatchNorm, not the depths of one DDNN')
 def build(config: ml_collections.ConfigDict, num_classes: int,
           steps_per_epoch: int | None = None) -> base.Method:
   s = _settings(config)
-  if base.bn_mode(config) != 'shared':
-    raise ValueError(f'model.bn_mode={config.model.bn_mode!r} sets BatchNorm across DDNN '
-                     "depths; MCOD's peers have their own; pass --config.model.bn_mode=shared")
   model = Peers(tuple(s['peers']), num_classes, config.model.width_multiplier,
                 jnp.dtype(config.model.dtype), config.model.zero_init_residual,
                 config.model.get('conv_impl', 'xla'))

@@ -192,7 +192,7 @@ def objective(num_branches: int, temperature: float, kd_weight: float,
   return loss_fn
 
 
-@base.register('one')
+@base.register('one', shared_bn_only='trains branches with their own BatchNorm, not the depths of one DDNN')
 def build(config: ml_collections.ConfigDict, num_classes: int,
           steps_per_epoch: int | None = None) -> base.Method:
   positive, at_least_0 = base.is_number(lambda v: v > 0), base.is_number(lambda v: v >= 0)
@@ -200,9 +200,6 @@ def build(config: ml_collections.ConfigDict, num_classes: int,
   temperature = base.setting(config, 'one.temperature', positive, 'a number > 0', '3.0')
   kd_weight = base.setting(config, 'one.kd_weight', at_least_0, 'a number >= 0', '1.0')
   ramp_epochs = base.setting(config, 'one.rampup_epochs', at_least_0, 'a number >= 0', '80')
-  if base.bn_mode(config) != 'shared':
-    raise ValueError(f"model.bn_mode={config.model.bn_mode!r} sets BatchNorm across DDNN "
-                     "depths; ONE's branches have their own; pass --config.model.bn_mode=shared")
   model = OneNet(models.get_preset(config.model.name), num_classes, m,
                  config.model.width_multiplier, jnp.dtype(config.model.dtype),
                  config.model.zero_init_residual, config.model.get('conv_impl', 'xla'))
