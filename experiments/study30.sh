@@ -8,8 +8,8 @@
 # (docs/results/study30/runs) after each step. Log: OUT/driver.log. Seed 2 of
 # the headline runs is released into docs/models/study30 when it finishes;
 # then a third seed of the best candidate, ekd_bn_private_all.
-# After the headline seeds, two checks of seed 0 (ekd, ekd_bn_private_all, the
-# individual ResNet-20, joint CE, the individual ResNet-8), each in its own OUT with its
+# After the headline seeds, two checks of seed 0 (ekd, the individual ResNet-20,
+# ekd_bn_private_all, joint CE, the individual ResNet-8), each in its own OUT with its
 # records in docs/results/<name>/runs: 100 epochs (study100: is the full net's
 # under-fit a short-budget effect?), then the comparison methods' second seed
 # (issue 12), then width 1.0 (study30_w1: is it a capacity limit of the
