@@ -231,7 +231,8 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
           for field, check in checks.items()}
 
 
-@base.register('mcod', shared_bn_only='trains peers with their own BatchNorm, not the depths of one DDNN')
+@base.register('mcod', shared_bn_only='trains peers with their own BatchNorm, '
+                                 'not the depths of one DDNN')
 def build(config: ml_collections.ConfigDict, num_classes: int,
           steps_per_epoch: int | None = None) -> base.Method:
   s = _settings(config)

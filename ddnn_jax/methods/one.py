@@ -192,7 +192,8 @@ def objective(num_branches: int, temperature: float, kd_weight: float,
   return loss_fn
 
 
-@base.register('one', shared_bn_only='trains branches with their own BatchNorm, not the depths of one DDNN')
+@base.register('one', shared_bn_only='trains branches with their own BatchNorm, '
+                                'not the depths of one DDNN')
 def build(config: ml_collections.ConfigDict, num_classes: int,
           steps_per_epoch: int | None = None) -> base.Method:
   positive, at_least_0 = base.is_number(lambda v: v > 0), base.is_number(lambda v: v >= 0)
