@@ -58,9 +58,9 @@ release() {  # release RUNS...: each finished run of OUT not yet released, into 
   done
 }
 check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
-  mkdir -p "$OUT" && records restore && each none ekd_s0,individual_d3_s0 &&
+  mkdir -p "$OUT" && records restore && each none ekd_s0,individual_d3_s0,individual_d1_s0 &&
     each ekd_bn_private_all ekd_bn_private_all_s0 &&
-    each none joint_ce_s0,individual_d1_s0
+    each none joint_ce_s0
 }
 {
   echo "=== start $(date -u) from $WT"
