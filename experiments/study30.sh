@@ -14,6 +14,9 @@
 # under-fit a short-budget effect?), then the comparison methods' second seed
 # (issue 12), then width 1.0 (study30_w1: is it a capacity limit of the
 # 8/16/32-channel net?).
+# Before a session ends, park the unfinished run so a new machine resumes it:
+#   python experiments/study_records.py park --out /tmp/ddnn_study100 \
+#       --parked docs/results/study100/parked   # then commit that folder
 #
 #   setsid nohup bash experiments/study30.sh >/dev/null 2>&1 &
 set -u
@@ -32,6 +35,10 @@ WT=${WT:-/tmp/wt_study30_$PIN}
 mkdir -p "$OUT"
 cd "$WT" || exit 1
 records() { python experiments/study_records.py "$1" --out "$OUT" --records "$RECORDS"; }
+parked() {  # parked park|unpark: unfinished runs' newest checkpoints, committed beside
+  # RECORDS so a new machine resumes them (park runs from the main checkout)
+  python "$REPO/experiments/study_records.py" "$1" --out "$OUT" --parked "${RECORDS%/runs}/parked"
+}
 drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]; OUT, RECORDS, WIDTH, EPOCHS as set
   # --released: the main checkout's releases, a path that stays the same when
   # PIN moves (a comparison run's teacher path is one of its settings).
@@ -40,6 +47,7 @@ drive() {  # drive ABLATIONS RUNS [DRIVER FLAGS...]; OUT, RECORDS, WIDTH, EPOCHS
     --ablations "$1" --only "$2" "${@:3}"
   local rc=$?
   records save
+  parked park
   return $rc
 }
 each() {  # each ABLATIONS RUNS [DRIVER FLAGS...]: drive one run at a time, so
@@ -58,7 +66,8 @@ release() {  # release RUNS...: each finished run of OUT not yet released, into 
   done
 }
 check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
-  mkdir -p "$OUT" && records restore && each none ekd_s0,individual_d3_s0,individual_d1_s0 &&
+  mkdir -p "$OUT" && records restore && parked unpark &&
+    each none ekd_s0,individual_d3_s0,individual_d1_s0 &&
     each ekd_bn_private_all ekd_bn_private_all_s0 &&
     each none joint_ce_s0
 }

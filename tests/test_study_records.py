@@ -4,7 +4,10 @@ import json
 
 import pytest
 from conftest import REPO, cifar10_tar
+from test_checkpointing import _abstract, _state
 from test_experiments import _fake_run, _load
+
+from ddnn_jax import checkpointing
 
 records = _load('study_records')
 summarize = _load('summarize')
@@ -88,3 +91,60 @@ def test_from_release_scores_a_committed_release_and_matches_its_numbers(tmp_pat
   assert done['rebuilt_from_release'] == 'docs/models/study30/individual_d1_s0'
   with pytest.raises(SystemExit, match='already holds records'):
     records.from_release(str(release), str(tmp_path), str(cifar10_tar()))
+
+
+def _save_steps(workdir, steps):
+  """Real Orbax checkpoints of a small train state at `steps` (state scaled by step)."""
+  manager = checkpointing.create_manager(str(workdir), async_save=False)
+  for step in steps:
+    checkpointing.save(manager, step, _state(step, float(step)))
+  manager.wait_until_finished()
+
+
+def _restored(workdir, step):
+  state = _state(step, 0.0)
+  restored = checkpointing.restore(
+      checkpointing.create_manager(str(workdir), async_save=False), _abstract(state))
+  return int(restored.step), float(restored.params['dense']['kernel'][0, 0])
+
+
+def test_park_keeps_the_newest_step_of_unfinished_runs_and_unpark_resumes_it(tmp_path):
+  out, parked, new = tmp_path / 'out', tmp_path / 'parked', tmp_path / 'new_out'
+  run = out / 'ekd_bn_private_all_s0'
+  _save_steps(run, [10, 20])
+  (run / 'config.json').write_text('{}')
+  (run / 'checkpoints' / '30.orbax-checkpoint-tmp-1').mkdir()  # a write cut off
+  _save_steps(out / 'ekd_bn_private_all_s0.unfinished', [5])  # an attempt set aside
+  _fake_run(out, 'ekd_s0', [(D1, 0.6)])
+  _save_steps(out / 'ekd_s0', [5])
+
+  assert records.park(str(out), str(parked)) == ['ekd_bn_private_all_s0']
+  assert sorted(p.name for p in parked.iterdir()) == ['ekd_bn_private_all_s0']  # not finished ones
+  assert sorted(p.name for p in (parked / run.name).iterdir()) == ['checkpoints', 'config.json']
+  assert [p.name for p in (parked / run.name / 'checkpoints').iterdir()] == ['20']
+  assert records.park(str(out), str(parked)) == []  # step 20 is parked already
+
+  assert records.unpark(str(new), str(parked)) == ['ekd_bn_private_all_s0']
+  assert _restored(new / run.name, 20) == (20, 20.0)
+  assert (new / run.name / 'config.json').exists()
+  assert records.unpark(str(new), str(parked)) == []  # holds step 20 already
+
+  _save_steps(run, [40])  # the run went on and then finished: its parked copy goes
+  assert records.park(str(out), str(parked)) == ['ekd_bn_private_all_s0']
+  assert [p.name for p in (parked / run.name / 'checkpoints').iterdir()] == ['40']
+  (run / 'DONE.json').write_text('{}')
+  assert records.park(str(out), str(parked)) == [] and not (parked / run.name).exists()
+
+
+def test_unpark_leaves_a_newer_or_finished_run_alone(tmp_path):
+  out, parked = tmp_path / 'out', tmp_path / 'parked'
+  _save_steps(out / 'a_s0', [10])
+  _save_steps(out / 'b_s0', [10])
+  records.park(str(out), str(parked))
+  new = tmp_path / 'new_out'
+  _save_steps(new / 'a_s0', [30])  # further on here than the parked step
+  (new / 'b_s0').mkdir(parents=True)
+  (new / 'b_s0' / 'DONE.json').write_text('{}')
+  assert records.unpark(str(new), str(parked)) == []
+  assert _restored(new / 'a_s0', 30) == (30, 30.0)
+  assert not (new / 'b_s0' / 'checkpoints').exists()
