@@ -187,6 +187,9 @@ def unpark(out: str, parked: str) -> list[str]:
     source = os.path.dirname(source)
     name = os.path.basename(source)
     workdir = os.path.join(out, name)
+    if '.' in name or not _finished_steps(source):
+      print(f'skipping {source}: not a parked run (no finished checkpoint step)')
+      continue
     step = _finished_steps(source)[-1]
     if (os.path.exists(os.path.join(workdir, 'DONE.json'))
         or _finished_steps(workdir)[-1:] >= [step]):

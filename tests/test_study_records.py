@@ -145,6 +145,8 @@ def test_unpark_leaves_a_newer_or_finished_run_alone(tmp_path):
   _save_steps(new / 'a_s0', [30])  # further on here than the parked step
   (new / 'b_s0').mkdir(parents=True)
   (new / 'b_s0' / 'DONE.json').write_text('{}')
+  (parked / 'c_s0' / 'checkpoints' / '10').mkdir(parents=True)  # no commit_success.txt
   assert records.unpark(str(new), str(parked)) == []
   assert _restored(new / 'a_s0', 30) == (30, 30.0)
+  assert not (new / 'c_s0').exists()
   assert not (new / 'b_s0' / 'checkpoints').exists()
