@@ -187,10 +187,11 @@ def unpark(out: str, parked: str) -> list[str]:
     source = os.path.dirname(source)
     name = os.path.basename(source)
     workdir = os.path.join(out, name)
-    if '.' in name or not _finished_steps(source):
+    steps = _finished_steps(source)
+    if '.' in name or not steps:
       print(f'skipping {source}: not a parked run (no finished checkpoint step)')
       continue
-    step = _finished_steps(source)[-1]
+    step = steps[-1]
     if (os.path.exists(os.path.join(workdir, 'DONE.json'))
         or _finished_steps(workdir)[-1:] >= [step]):
       continue
@@ -220,19 +221,12 @@ def main(argv: list[str] | None = None) -> None:
   if args.command == 'from-release':
     print(f'rebuilt {from_release(args.release, args.records, args.root)}')
     return
-  if args.command in ('park', 'unpark'):
-    if args.command == 'park' and not os.path.isdir(args.out):
-      raise SystemExit(f'error: --out {args.out} does not exist')
-    names = (park if args.command == 'park' else unpark)(args.out, args.parked)
-    print(f'{args.command}ed {len(names)} run(s): {", ".join(names) or "none"}')
-    return
-  if args.command == 'save':
-    if not os.path.isdir(args.out):
-      raise SystemExit(f'error: --out {args.out} does not exist')
-    names = save(args.out, args.records)
-  else:
-    names = restore(args.out, args.records)
-  print(f'{args.command}d {len(names)} run(s): {", ".join(names) or "none"}')
+  if args.command in ('save', 'park') and not os.path.isdir(args.out):
+    raise SystemExit(f'error: --out {args.out} does not exist')
+  command = {'save': save, 'restore': restore, 'park': park, 'unpark': unpark}[args.command]
+  names = command(args.out, args.parked if 'park' in args.command else args.records)
+  done = args.command + ('ed' if 'park' in args.command else 'd')
+  print(f'{done} {len(names)} run(s): {", ".join(names) or "none"}')
 
 
 if __name__ == '__main__':
