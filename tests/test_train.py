@@ -425,7 +425,8 @@ def test_any_depth_training_on_two_processes_matches_one_process(tmp_path):
   # another draw of depths would move it by whole units. After the first
   # update the two runs part, and by how much depends on the CPU: step 0
   # trains depth 1-3-2, where one ReLU input of stage2_block2/bn1 (channel 0)
-  # is -1.03e-6 on this batch, and the cross-process sums' order (XLA:CPU's
+  # is -5.5e-7 on this batch (1 process, 4 devices; -1.0e-6 on 1 device), and
+  # the cross-process sums' order (XLA:CPU's
   # gloo collectives against one process's) moves it across zero on an Intel
   # Xeon with AMX (not on the AMD EPYC this was written on). The ReLU then
   # passes that element's gradient: the bn1 bias gradient of channel 0 moves
@@ -451,7 +452,7 @@ def test_any_depth_training_on_two_processes_matches_one_process(tmp_path):
 
 def test_two_processes_compute_every_depths_gradient_as_one_process():
   # The gradients of the any-depth run's first step (its batch, its initial
-  # parameters; depths 1-3-1 and 1-3-2 hold the ReLU input at -1.03e-6 that
+  # parameters; depths 1-3-1 and 1-3-2 hold the ReLU input at -5.5e-7 that
   # float32 round-off flips), in float64, where round-off cannot reach a
   # kink: whatever differs here is a wrong sum, not a subgradient choice.
   script = os.path.join(ROOT, 'experiments', 'multiprocess_grads.py')
