@@ -432,7 +432,7 @@ def test_any_depth_training_on_two_processes_matches_one_process(tmp_path):
   # passes that element's gradient: the bn1 bias gradient of channel 0 moves
   # by 16% and every layer below it by up to 11%, a legitimate subgradient
   # choice, not a wrong sum (in float64 the two agree to 1e-14:
-  # test_two_processes_compute_every_depths_gradient_as_one_process).
+  # test_two_processes_compute_one_process_gradient_in_float64).
   # So step 2 is checked to 1e-3 and the rest only to stay on the same
   # course (10%).
   any_depth = (*EQUAL_RUN, '--config.any_depth.k=2', '--config.any_depth.max_programs=3',
@@ -450,18 +450,19 @@ def test_any_depth_training_on_two_processes_matches_one_process(tmp_path):
   np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=0.1)
 
 
-def test_two_processes_compute_every_depths_gradient_as_one_process():
-  # The gradients of the any-depth run's first step (its batch, its initial
-  # parameters; depths 1-3-1 and 1-3-2 hold the ReLU input at -5.5e-7 that
-  # float32 round-off flips), in float64, where round-off cannot reach a
-  # kink: whatever differs here is a wrong sum, not a subgradient choice.
+def test_two_processes_compute_one_process_gradient_in_float64():
+  # The gradient of the any-depth run's first batch at its initial
+  # parameters, for depth 1-3-1, which holds the ReLU input at -5.5e-7 that
+  # float32 round-off flips (docs/SCALING.md has every depth), in float64,
+  # where round-off cannot reach a kink: whatever differs here is a wrong
+  # sum, not a subgradient choice.
   script = os.path.join(ROOT, 'experiments', 'multiprocess_grads.py')
   out = subprocess.run(
       [sys.executable, script, '--data', 'config', '--x64', '--tol', '1e-12', '--depths',
-       '1,3,1', '1,3,2', '3,3,3'], capture_output=True, text=True, timeout=600)
+       '1,3,1'], capture_output=True, text=True, timeout=600)
   assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
   rows = re.findall(r'^\| (\d-\d-\d) \| ([\d.e+-]+) \|', out.stdout, re.M)
-  assert [depth for depth, _ in rows] == ['1-3-1', '1-3-2', '3-3-3'], out.stdout
+  assert [depth for depth, _ in rows] == ['1-3-1'], out.stdout
   assert all(float(diff) < 1e-12 for _, diff in rows), out.stdout
 
 
