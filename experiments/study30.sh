@@ -11,7 +11,8 @@
 # After the headline seeds, two checks of seed 0 (ekd, the individual ResNet-20,
 # ekd_bn_private_all, joint CE, the individual ResNet-8), each in its own OUT with its
 # records in docs/results/<name>/runs: 100 epochs (study100: is the full net's
-# under-fit a short-budget effect?) and its seed 1 (the individual ResNet-8,
+# under-fit a short-budget effect?), then the individual ResNet-14 at 100 epochs
+# (so every depth has its individual net), and its seed 1 (the individual ResNet-8,
 # ekd_bn_private_all, the individual ResNet-20), then the comparison methods' second seed
 # (issue 12), then width 1.0 (study30_w1: is it a capacity limit of the
 # 8/16/32-channel net?).
@@ -72,8 +73,8 @@ check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
     each ekd_bn_private_all ekd_bn_private_all_s0 &&
     each none joint_ce_s0
 }
-seed1() {  # the 100-epoch check's second seed: does ResNet-8's tie at seed 0 hold,
-  # and where does EKD's default (per-depth BN) stand against the individual nets?
+seed1() {  # the 100-epoch check's second seed: does the ResNet-8 lead of EKD's
+  # default (per-depth BN) at seed 0 hold, and its full net's gap?
   each none individual_d1_s1 &&
     drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 &&
     each none individual_d3_s1
@@ -93,6 +94,7 @@ seed1() {  # the 100-epoch check's second seed: does ResNet-8's tie at seed 0 ho
   release individual_d1_s2 individual_d2_s2 individual_d3_s2 joint_ce_s2 ekd_s2 &&
   drive ekd_bn_private_all ekd_bn_private_all_s2 --ablation-seeds 3 &&
   OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 check &&
+  OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 each none individual_d2_s0 &&
   OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 seed1 &&
   each none depth_pruning_s1,offline_kd_d1_s1,offline_kd_d2_s1,one_s1,mcod_s1,indistill_d1_s1 \
     --comparison 2 &&
