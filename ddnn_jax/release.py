@@ -7,9 +7,11 @@ DIR holds config.json and checkpoints/<step>/variables: the parameters and
 BatchNorm statistics, no optimizer state (a CIFAR ResNet-20 at width 0.5 is
 about 0.3 MB). With `--recalibrate_bn N` each depth's BatchNorm statistics are
 re-estimated on N training batches, exactly as `evaluate --recalibrate_bn N`
-does, and stored per depth: the released config has `model.bn_mode =
-'private_stats'` (one set of statistics per depth, the scales and biases
-shared), so a plain evaluation gives the re-calibrated numbers. The config
+does, and stored per depth: a run with shared norm layers is released with
+`model.bn_mode = 'private_stats'` (one set of statistics per depth, the scales
+and biases shared), a run with per-depth norm layers keeps its mode and gets
+each depth's own statistics re-estimated; either way a plain evaluation gives
+the re-calibrated numbers. The config
 drops the data paths (data.root, data.data_dir) and records the training
 root's class folders (data.class_names), so
 
@@ -45,9 +47,10 @@ RELEASE_FILE = 'release.json'
 
 def per_depth_statistics(target_stats: dict, recalibrated: Sequence[dict],
                          depths: Sequence[models.Depth]) -> dict:
-  """The batch_stats tree `target_stats` of a 'private_stats' model, filled
-  from `recalibrated[i]['batch_stats']` (a 'shared' model's tree) for
-  `depths[i]`: the norm `<name>_<tag>` takes the statistics of `<name>`."""
+  """The batch_stats tree `target_stats` of a per-depth BN model, filled from
+  `recalibrated[i]['batch_stats']` for `depths[i]`: the norm `<name>_<tag>`
+  takes the statistics of `<name>` (a 'shared' model's tree) or of itself
+  (a tree of the same per-depth layout)."""
   tags = {models.depth_tag(d): i for i, d in enumerate(depths)}
   sources = [traverse_util.flatten_dict(v['batch_stats']) for v in recalibrated]
   filled = {}
@@ -56,7 +59,9 @@ def per_depth_statistics(target_stats: dict, recalibrated: Sequence[dict],
     tag = next((t for t in tags if module.endswith(f'_{t}')), None)
     if tag is None:
       raise ValueError(f'BatchNorm {"/".join(path)} belongs to no released depth')
-    filled[path] = sources[tags[tag]][(*path[:-2], module[:-len(tag) - 1], path[-1])]
+    source = sources[tags[tag]]
+    filled[path] = source[path] if path in source else source[
+        (*path[:-2], module[:-len(tag) - 1], path[-1])]
   return traverse_util.unflatten_dict(filled)
 
 
@@ -97,20 +102,21 @@ def release(workdir: str, out: str, *, recalibrate_bn: int = 0, step: int | None
   model, depths = method.model, method.depths
   info = input_pipeline.get_info(config.data)
   per_depth_bn = bool(recalibrate_bn) and len(depths) > 1
-  if per_depth_bn and config.model.bn_mode != 'shared':
-    raise ValueError(f'--recalibrate_bn needs a run with model.bn_mode=shared, not '
-                     f'{config.model.bn_mode!r}; release it without --recalibrate_bn')
-  new_config = released_config(config, info.class_names, per_depth_bn)
+  new_config = released_config(config, info.class_names,
+                               per_depth_bn and config.model.bn_mode == 'shared')
   if per_depth_bn:
     recalibrated = evaluate.recalibrate_on_training_data(
         config, model, variables, depths, mesh, batch_size, recalibrate_bn)
-    target = experiment.build(new_config, mesh, experiment.DataSpec.from_info(
-        info, config)).abstract_variables
-    if jax.tree.structure(target['params']) != jax.tree.structure(variables['params']):
-      raise ValueError('the per-depth BatchNorm layout changes the parameters of '
-                       f'{config.model.name}; release it without --recalibrate_bn')
+    target_stats = variables['batch_stats']  # per-depth norms: each depth's own
+    if config.model.bn_mode == 'shared':  # into the 'private_stats' layout
+      target = experiment.build(new_config, mesh, experiment.DataSpec.from_info(
+          info, config)).abstract_variables
+      if jax.tree.structure(target['params']) != jax.tree.structure(variables['params']):
+        raise ValueError('the per-depth BatchNorm layout changes the parameters of '
+                         f'{config.model.name}; release it without --recalibrate_bn')
+      target_stats = target['batch_stats']
     variables = {'params': variables['params'], 'batch_stats': per_depth_statistics(
-        target['batch_stats'], recalibrated, depths)}
+        target_stats, recalibrated, depths)}
   elif recalibrate_bn:  # one net: the statistics of its own batches again
     (variables,) = evaluate.recalibrate_on_training_data(
         config, model, variables, depths, mesh, batch_size, recalibrate_bn)

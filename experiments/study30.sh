@@ -13,7 +13,8 @@
 # records in docs/results/<name>/runs: 100 epochs (study100: is the full net's
 # under-fit a short-budget effect?), then the individual ResNet-14 at 100 epochs
 # (so every depth has its individual net), and its seed 1 (the individual ResNet-8,
-# ekd_bn_private_all, the individual ResNet-20), then the comparison methods' second seed
+# ekd_bn_private_all, the individual ResNet-20 and ResNet-14, joint CE; each
+# released into docs/models/study100 as it finishes), then the comparison methods' second seed
 # (issue 12), then width 1.0 (study30_w1: is it a capacity limit of the
 # 8/16/32-channel net?).
 # Before a session ends, park the unfinished run so a new machine resumes it:
@@ -57,8 +58,8 @@ each() {  # each ABLATIONS RUNS [DRIVER FLAGS...]: drive one run at a time, so
   local run
   for run in ${2//,/ }; do drive "$1" "$run" "${@:3}" || return; done
 }
-release() {  # release RUNS...: each finished run of OUT not yet released, into the
-  # main checkout's docs/models/study30 (DDNN runs with per-depth BN statistics)
+release() {  # release RUNS...: each finished run of OUT not yet released, into
+  # RELEASED (DDNN runs with per-depth BN statistics)
   local run flags
   for run in "$@"; do
     [ -f "$RELEASED/$run/release.json" ] && continue
@@ -77,9 +78,12 @@ seed1() {  # the 100-epoch check's second seed: do the sub-net leads of EKD's
   # default (per-depth BN) at seed 0 hold (ResNet-8 and ResNet-14 over the
   # individual nets and joint CE), and its full net's gap? Every method of
   # the seed-0 table gets its seed 1, so each difference has a spread.
+  local run
   each none individual_d1_s1 &&
-    drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 &&
-    each none individual_d3_s1,individual_d2_s1,joint_ce_s1
+    drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 || return
+  for run in individual_d3_s1 individual_d2_s1 joint_ce_s1; do
+    each none "$run" && RELEASED=$REPO/docs/models/study100 release "$run" || return
+  done
 }
 {
   echo "=== start $(date -u) from $WT"

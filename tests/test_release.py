@@ -14,7 +14,7 @@ from conftest import cifar10_tar, evaluate_cli, train_tiny_folder_run
 from ddnn_jax import checkpointing, config_lib, release
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODELS = ROOT / 'docs' / 'models' / 'study30'
+MODELS = ROOT / 'docs' / 'models'
 
 
 def test_per_depth_statistics_name_each_norm_after_its_depth():
@@ -32,6 +32,16 @@ def test_per_depth_statistics_name_each_norm_after_its_depth():
   with pytest.raises(ValueError, match='belongs to no released depth'):
     release.per_depth_statistics({'stem': {'bn_d9-9': {'mean': 0}}}, recalibrated,
                                  [(1, 1), (2, 1)])
+
+
+def test_per_depth_statistics_of_a_per_depth_run_take_each_depths_own_norms():
+  # A 'private_all' run: every copy has every depth's norms; depth i's copy
+  # holds the re-estimated statistics of its own norms only.
+  stats = {'stem': {'bn_d1-1': {'mean': 0}, 'bn_d2-1': {'mean': 0}}}
+  recalibrated = [{'batch_stats': {'stem': {'bn_d1-1': {'mean': 1}, 'bn_d2-1': {'mean': 0}}}},
+                  {'batch_stats': {'stem': {'bn_d1-1': {'mean': 0}, 'bn_d2-1': {'mean': 2}}}}]
+  assert release.per_depth_statistics(stats, recalibrated, [(1, 1), (2, 1)]) == {
+      'stem': {'bn_d1-1': {'mean': 1}, 'bn_d2-1': {'mean': 2}}}
 
 
 @pytest.fixture(scope='module')
@@ -88,10 +98,14 @@ def test_release_refuses_a_used_out_folder_and_a_missing_run(folder_run, tmp_pat
   assert (tmp_path / 'note.txt').read_text() == 'mine\n'
 
 
-RELEASED = sorted(p.name for p in MODELS.iterdir()) if MODELS.is_dir() else []
+# One of the 30-epoch study's (shared norm layers, re-calibrated into
+# 'private_stats') and the 100-epoch default EKD (per-depth norm layers, each
+# depth's own statistics re-calibrated).
+RELEASED = [name for name in ('study30/ekd_s0', 'study100/ekd_bn_private_all_s0')
+            if (MODELS / name).is_dir()]
 
 
-@pytest.mark.parametrize('name', RELEASED[:1])
+@pytest.mark.parametrize('name', RELEASED)
 def test_a_committed_release_reproduces_its_validation_top1(name, tmp_path):
   tar = cifar10_tar()
   if tar is None:
