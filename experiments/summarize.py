@@ -37,6 +37,9 @@ COMPARISON = {
     'mcod': 'MCOD (3 peers)',
     'indistill_d1': 'InDistill, student (1,1,1)',
 }
+# The study's bar for the DDNN's full net: at most this many points below the
+# individually trained net of the same depth (issue 15).
+FULL_NET_BAR = 0.3
 # Runs these methods start from (a frozen teacher or the net they prune).
 FROM_FULL_NET = ('depth_pruning', 'offline_kd_d1', 'offline_kd_d2', 'indistill_d1')
 
@@ -235,6 +238,7 @@ def markdown(runs: list[dict], agg: dict, recal: dict, out: str) -> str:
     lines += ['', 'The same after re-estimating each depth\'s BatchNorm statistics '
               '(`--recalibrate_bn`, see below; `individual` nets as trained):', '']
     lines += _main_table(recal, costs, depths)
+  lines += _claim_table(runs, recal, depths)
   lines += _comparison_table(runs, summary, recal, costs, depths)
   lines += _ablation_table(summary, depths)
   lines += _agreement_table({**summary, **{g: recal[g] for g in recal if g != 'individual'}},
@@ -308,6 +312,82 @@ def _comparison_table(runs: list[dict], summary: dict, recal: dict, costs: dict,
       if g == group:
         extra = ' + teacher' if group in FROM_FULL_NET else ''
         row(COMPARISON[group], net, cell, cell['top1'], _cpu_hours(runs, group), extra)
+  return lines
+
+
+def _top1_by_seed(runs: list[dict], group: str) -> dict:
+  """depth -> seed -> top-1 of a group's finished runs, from the evaluation
+  aggregate(runs, 'recalibrated') averages (individual nets as trained)."""
+  table = collections.defaultdict(dict)
+  for run in runs:
+    if run['group'] != group:
+      continue
+    result = run.get('eval') if group == 'individual' else run.get('recalibrated')
+    for row in (result or {}).get('depths', []):
+      table[tuple(row['depth'])][run['seed']] = row['top1']
+  return table
+
+
+def _reading(diff: float, a: dict, b: dict) -> str:
+  """How a difference of seed means (in points) compares with the seed spread:
+  the larger of the two SDs, defined only where both sides have two seeds."""
+  if a['sd'] is None or b['sd'] is None:
+    return 'one seed: no spread'
+  spread = max(a['sd'], b['sd']) * 100
+  side = 'ahead' if diff > 0 else 'behind'
+  return f'{side} by more than the spread ({spread:.2f})' if abs(diff) > spread else (
+      f'{side}, within the spread ({spread:.2f})')
+
+
+def _claim_table(runs: list[dict], recal: dict, depths: list) -> list[str]:
+  """The study's question for every DDNN variant, after BN re-calibration: do
+  its sub-nets beat the individual nets and joint CE by more than the spread
+  over seeds, and is its full net within FULL_NET_BAR points of the individual
+  one?"""
+  reference = recal.get('individual', {})
+  joint = recal.get('joint_ce', {})
+  variants = [g for g in recal if g not in ('individual', 'joint_ce')]
+  variants = sorted(variants, key=lambda g: (g != 'ekd', g)) + (['joint_ce'] if joint else [])
+  if not reference or not variants:
+    return []
+  full = depths[-1]
+  lines = ['', 'The question of the study, per DDNN variant (after BatchNorm '
+           're-calibration; individual nets as trained): difference of the seed '
+           'means in points, the same difference within each seed that both sides '
+           'ran (seed: difference), and how it compares with the spread (the larger '
+           'of the two SDs, n >= 2 on both sides). For the full net the bar is '
+           f'{FULL_NET_BAR} points below the individual one.', '',
+           '| variant | depth | top-1 | − individual | per seed | reading | − joint_ce | reading |',
+           '|---|---|---|---|---|---|---|---|']
+  by_seed_ref = _top1_by_seed(runs, 'individual')
+  for group in variants:
+    by_seed = _top1_by_seed(runs, group)
+    for depth in depths:
+      own = recal[group].get(depth, {}).get('top1')
+      if not own:
+        continue
+      cells = [group, depth_name(depth), _fmt(own)]
+      ref = reference.get(depth, {}).get('top1')
+      if ref:
+        diff = (own['mean'] - ref['mean']) * 100
+        seeds = sorted(set(by_seed[depth]) & set(by_seed_ref[depth]))
+        cells += [f'{diff:+.2f}', ', '.join(
+            f'{s}: {(by_seed[depth][s] - by_seed_ref[depth][s]) * 100:+.2f}' for s in seeds)
+            or 'n/a']
+        if depth == full:
+          cells.append(f'full net {"within" if diff >= -FULL_NET_BAR else "outside"} '
+                       f'the {FULL_NET_BAR}-point bar')
+        else:
+          cells.append(_reading(diff, own, ref))
+      else:
+        cells += ['n/a', 'n/a', 'n/a']
+      other = joint.get(depth, {}).get('top1') if group != 'joint_ce' else None
+      if other:
+        diff = (own['mean'] - other['mean']) * 100
+        cells += [f'{diff:+.2f}', _reading(diff, own, other)]
+      else:
+        cells += ['n/a', 'n/a']
+      lines.append('| ' + ' | '.join(cells) + ' |')
   return lines
 
 

@@ -291,6 +291,44 @@ def test_summary_averages_seeds_and_compares_with_individual(tmp_path):
   assert dump['summary']['individual']['1,1,1']['top1']['values'] == [0.5, 0.52]
 
 
+def test_summary_reads_the_claim_against_the_seed_spread(tmp_path):
+  out = tmp_path / 'out'
+  d1, d3 = (1, 1, 1), (3, 3, 3)
+
+  def ddnn(name, plain, recalibrated):
+    workdir = _fake_run(out, name, list(zip((d1, d3), plain)))
+    rows = [{'depth': list(d), 'top1': t} for d, t in zip((d1, d3), recalibrated)]
+    (workdir / 'eval_validation_bnrecal20.json').write_text(
+        json.dumps({'bn_recalibration_batches': 20, 'depths': rows}))
+
+  ddnn('ekd_s0', (0.1, 0.1), (0.64, 0.80))
+  ddnn('ekd_s1', (0.1, 0.1), (0.66, 0.82))
+  ddnn('ekd_bn_private_all_s0', (0.60, 0.818), (0.60, 0.818))
+  ddnn('ekd_bn_private_all_s1', (0.63, 0.818), (0.63, 0.818))
+  ddnn('joint_ce_s0', (0.1, 0.1), (0.64, 0.805))
+  for seed, (t1, t3) in enumerate(((0.60, 0.815), (0.61, 0.825))):
+    _fake_run(out, f'individual_d1_s{seed}', [(d1, t1)])
+    _fake_run(out, f'individual_d3_s{seed}', [(d3, t3)])
+  results = tmp_path / 'results'
+  summarize.main(['--out', str(out), '--results', str(results), '--no-curves'])
+  text = (results / 'cifar10_ekd.md').read_text()
+  # ekd leads at ResNet-8 by 4.5 points (4 and 5 within each seed), more than
+  # either SD (1.41, 0.71); joint CE has one seed, so no spread to compare with.
+  assert ('| ekd | ResNet-8 (1,1,1) | 65.00 ± 1.41 (n=2) | +4.50 | 0: +4.00, 1: +5.00 | '
+          'ahead by more than the spread (1.41) | +1.00 | one seed: no spread |') in text
+  # Its full net is 1 point below the individual one: outside the 0.3 bar.
+  assert ('| ekd | ResNet-20 (3,3,3) | 81.00 ± 1.41 (n=2) | -1.00 | 0: -1.50, 1: -0.50 | '
+          'full net outside the 0.3-point bar | +0.50 |') in text
+  # A 1-point lead with an SD of 2.12 is within the spread; a full net 0.2
+  # points below the individual one is within the bar.
+  assert ('| ekd_bn_private_all | ResNet-8 (1,1,1) | 61.50 ± 2.12 (n=2) | +1.00 | '
+          '0: +0.00, 1: +2.00 | ahead, within the spread (2.12) |') in text
+  assert '| -0.20 | 0: +0.30, 1: -0.70 | full net within the 0.3-point bar |' in text
+  # joint CE is compared with the individual nets only; ekd is listed first.
+  assert '| joint_ce | ResNet-8 (1,1,1) | 64.00 (n=1) | +3.50 | 0: +4.00 |' in text
+  assert text.index('| ekd | ResNet-8') < text.index('| ekd_bn_private_all | ResNet-8')
+
+
 def test_summary_compares_every_deployable_net_of_every_method(tmp_path):
   out = tmp_path / 'out'
   d1, d3 = (1, 1, 1), (3, 3, 3)
