@@ -14,9 +14,12 @@
 # under-fit a short-budget effect?), then the individual ResNet-14 at 100 epochs
 # (so every depth has its individual net), and its seed 1 (the individual ResNet-8,
 # ekd_bn_private_all, the individual ResNet-20 and ResNet-14, joint CE; each
-# released into docs/models/study100 as it finishes), then the comparison methods' second seed
-# (issue 12), then width 1.0 (study30_w1: is it a capacity limit of the
-# 8/16/32-channel net?).
+# released into docs/models/study100 as it finishes), then width 1.0 at 30
+# epochs (study30_w1, seed 0: is the full net's drag a capacity limit of the
+# 8/16/32-channel net? the default EKD and the individual ResNet-20 first),
+# then the comparison methods' second seed (issue 12).
+# Park the width-1.0 run the same way with --out /tmp/ddnn_study30_w1
+# --parked docs/results/study30_w1/parked.
 # Before a session ends, park the unfinished run so a new machine resumes it:
 #   python experiments/study_records.py park --out /tmp/ddnn_study100 \
 #       --parked docs/results/study100/parked   # then commit that folder
@@ -74,6 +77,12 @@ check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
     each ekd_bn_private_all ekd_bn_private_all_s0 &&
     each none joint_ce_s0
 }
+wide() {  # width 1.0, seed 0 (OUT, RECORDS, WIDTH set): the default EKD and the
+  # individual ResNet-20 answer the question; the rest complete the table
+  mkdir -p "$OUT" && records restore && parked unpark &&
+    each ekd_bn_private_all ekd_bn_private_all_s0 &&
+    each none individual_d3_s0,individual_d1_s0,individual_d2_s0,joint_ce_s0
+}
 seed1() {  # the 100-epoch check's second seed: do the sub-net leads of EKD's
   # default (per-depth BN) at seed 0 hold (ResNet-8 and ResNet-14 over the
   # individual nets and joint CE), and its full net's gap? Every method of
@@ -102,7 +111,7 @@ seed1() {  # the 100-epoch check's second seed: do the sub-net leads of EKD's
   OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 check &&
   OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 each none individual_d2_s0 &&
   OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 seed1 &&
+  OUT=$OUT_W1 RECORDS=$REPO/docs/results/study30_w1/runs WIDTH=1.0 wide &&
   each none depth_pruning_s1,offline_kd_d1_s1,offline_kd_d2_s1,one_s1,mcod_s1,indistill_d1_s1 \
-    --comparison 2 &&
-  OUT=$OUT_W1 RECORDS=$REPO/docs/results/study30_w1/runs WIDTH=1.0 check
+    --comparison 2
 } >> "$OUT/driver.log" 2>&1
