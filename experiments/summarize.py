@@ -170,6 +170,12 @@ def _fmt(cell: dict | None, scale: float = 100.0) -> str:
   return f'{text} (n={len(cell["values"])})'
 
 
+def _result(run: dict, key: str) -> dict | None:
+  """A run's evaluation under `key` ('eval' or 'recalibrated'); standalone
+  `individual` nets have no re-calibrated one and keep their own."""
+  return run.get('eval') if run['group'] == 'individual' or key == 'eval' else run.get(key)
+
+
 def aggregate(runs: list[dict], key: str = 'eval') -> dict:
   """group -> depth tuple -> metric -> mean/sd over seeds; plus costs per depth.
 
@@ -183,7 +189,7 @@ def aggregate(runs: list[dict], key: str = 'eval') -> dict:
     group = run['group']
     if group in COMPARISON:
       continue
-    result = run.get('eval') if group == 'individual' or key == 'eval' else run.get(key)
+    result = _result(run, key)
     if result is None:
       continue
     for row in result['depths']:
@@ -316,14 +322,13 @@ def _comparison_table(runs: list[dict], summary: dict, recal: dict, costs: dict,
 
 
 def _top1_by_seed(runs: list[dict], group: str) -> dict:
-  """depth -> seed -> top-1 of a group's finished runs, from the evaluation
-  aggregate(runs, 'recalibrated') averages (individual nets as trained)."""
+  """depth -> seed -> top-1 of a group's runs after BN re-calibration (the
+  values aggregate(runs, 'recalibrated') averages; individual nets as trained)."""
   table = collections.defaultdict(dict)
   for run in runs:
     if run['group'] != group:
       continue
-    result = run.get('eval') if group == 'individual' else run.get('recalibrated')
-    for row in (result or {}).get('depths', []):
+    for row in (_result(run, 'recalibrated') or {}).get('depths', []):
       table[tuple(row['depth'])][run['seed']] = row['top1']
   return table
 

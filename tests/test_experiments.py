@@ -249,6 +249,13 @@ def _fake_run(out, name, depths_top1, *, seconds=60.0, step=30, epochs=3.0):
   return workdir
 
 
+def _fake_recalibration(workdir, depths_top1):
+  """The run's evaluation after per-depth BN re-calibration on 20 batches."""
+  rows = [{'depth': list(d), 'top1': t} for d, t in depths_top1]
+  (workdir / 'eval_validation_bnrecal20.json').write_text(
+      json.dumps({'bn_recalibration_batches': 20, 'depths': rows}))
+
+
 def test_summary_averages_seeds_and_compares_with_individual(tmp_path):
   out = tmp_path / 'out'
   d1, d2, d3 = (1, 1, 1), (2, 2, 2), (3, 3, 3)
@@ -260,9 +267,7 @@ def test_summary_averages_seeds_and_compares_with_individual(tmp_path):
       _fake_run(out, f'individual_d{d[0]}_s{seed}', [(d, t + shift)])
   _fake_run(out, 'ekd_kl_only_s0', [(d1, 0.66), (d2, 0.74), (d3, 0.80)])
   _fake_run(out, 'ekd_kl_only_s1', [(d1, 0.68), (d2, 0.74), (d3, 0.80)])
-  recal = [{'depth': list(d), 'top1': t} for d, t in ((d1, 0.64), (d2, 0.73), (d3, 0.82))]
-  (out / 'ekd_s0' / 'eval_validation_bnrecal20.json').write_text(
-      json.dumps({'bn_recalibration_batches': 20, 'depths': recal}))
+  _fake_recalibration(out / 'ekd_s0', ((d1, 0.64), (d2, 0.73), (d3, 0.82)))
   unfinished = out / 'ekd_at_p2_s0'
   unfinished.mkdir()
   (unfinished / 'attempts.json').write_text(json.dumps([{'seconds': 30.0}]))
@@ -297,9 +302,7 @@ def test_summary_reads_the_claim_against_the_seed_spread(tmp_path):
 
   def ddnn(name, plain, recalibrated):
     workdir = _fake_run(out, name, list(zip((d1, d3), plain)))
-    rows = [{'depth': list(d), 'top1': t} for d, t in zip((d1, d3), recalibrated)]
-    (workdir / 'eval_validation_bnrecal20.json').write_text(
-        json.dumps({'bn_recalibration_batches': 20, 'depths': rows}))
+    _fake_recalibration(workdir, zip((d1, d3), recalibrated))
 
   ddnn('ekd_s0', (0.1, 0.1), (0.64, 0.80))
   ddnn('ekd_s1', (0.1, 0.1), (0.66, 0.82))
