@@ -92,6 +92,16 @@ def depth_report(model, variables, depth, train, validation, mesh) -> dict:
   return row
 
 
+def run_names(workdirs: list[str]) -> list[str]:
+  """A row label per run: its folder name, or, where two runs share that name
+  (the same run at two widths), its parent and folder, so no run's numbers
+  overwrite another's in the JSON."""
+  paths = [os.path.normpath(w) for w in workdirs]
+  base = [os.path.basename(p) for p in paths]
+  return [b if base.count(b) == 1 else os.path.join(os.path.basename(os.path.dirname(p)), b)
+          for p, b in zip(paths, base)]
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('workdirs', nargs='+', help='run directories or releases')
@@ -105,14 +115,13 @@ def main(argv: list[str] | None = None) -> None:
   print('| run | depth | train CE | val CE | CE gap | train top-1 | val top-1 | '
         'residual ratio per block |')
   print('|---|---|---:|---:|---:|---:|---:|---|')
-  for workdir in args.workdirs:
+  for workdir, name in zip(args.workdirs, run_names(args.workdirs)):
     config = config_lib.load_saved(workdir)
     config.data.root = os.path.abspath(args.root)
     method, variables, _ = evaluate.restore(workdir, config, mesh)
     variables = jax.device_get(variables)
     train = first_examples(config.data, args.images, config.data.train_split)
     validation = first_examples(config.data, args.images)
-    name = os.path.basename(os.path.normpath(workdir))
     rows = [depth_report(method.model, variables, tuple(d), train, validation, mesh)
             for d in method.depths]
     everything[name] = rows

@@ -44,3 +44,9 @@ def test_residual_ratios_read_each_depths_own_norm_layers_under_private_all():
   woken = diagnostics.residual_ratios(model, {**variables, 'params': params}, depth, images)
   assert woken['stage3_block1'] > 0.1
   assert all(v == 0.0 for k, v in woken.items() if k != 'stage3_block1')
+
+
+def test_run_names_keep_two_runs_of_the_same_name_apart():
+  names = diagnostics.run_names(['/tmp/w1/ekd_s0/', 'docs/models/study30/ekd_s0',
+                                 'docs/models/study30/individual_d3_s0'])
+  assert names == ['w1/ekd_s0', 'study30/ekd_s0', 'individual_d3_s0']
