@@ -64,13 +64,15 @@ each() {  # each ABLATIONS RUNS [DRIVER FLAGS...]: drive one run at a time, so
   for run in ${2//,/ }; do drive "$1" "$run" "${@:3}" || return; done
 }
 release() {  # release RUNS...: each finished run of OUT not yet released, into
-  # RELEASED (DDNN runs with per-depth BN statistics)
+  # RELEASED (DDNN runs with per-depth BN statistics), by the main checkout's
+  # release: the pinned one cannot re-calibrate per-depth norm layers, and a
+  # release only reads a finished run
   local run flags
   for run in "$@"; do
     [ -f "$RELEASED/$run/release.json" ] && continue
     flags=; case $run in ekd*|joint_ce*) flags="--recalibrate_bn 20";; esac
-    nice -n 5 python -m ddnn_jax.release --workdir "$OUT/$run" \
-      --out "$RELEASED/$run" $flags || return
+    (cd "$REPO" && nice -n 5 python -m ddnn_jax.release --workdir "$OUT/$run" \
+      --out "$RELEASED/$run" $flags) || return
   done
 }
 check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
@@ -88,12 +90,12 @@ wide() {  # width 1.0, seed 0 (OUT, RECORDS, WIDTH set): the default EKD and the
 wide_seed1() {  # width 1.0, seed 1 (OUT, RECORDS, WIDTH, RELEASED set): seed 0
   # left EKD's full net 1.24 below the individual ResNet-20 and its ResNet-8
   # only 0.24 above the individual one; the second seed gives each a spread.
-  # The individual nets and joint CE are released as they finish (the EKD run
-  # by hand: the pinned release cannot re-calibrate per-depth norm layers).
+  # Each run is released as it finishes.
   local run
   mkdir -p "$OUT" && records restore && parked unpark &&
     each none individual_d1_s1 && release individual_d1_s1 &&
-    drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 || return
+    drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 &&
+    release ekd_bn_private_all_s1 || return
   for run in individual_d3_s1 individual_d2_s1 joint_ce_s1; do
     each none "$run" && release "$run" || return
   done
