@@ -87,10 +87,13 @@ wide() {  # width 1.0, seed 0 (OUT, RECORDS, WIDTH set): the default EKD and the
     each ekd_bn_private_all ekd_bn_private_all_s0 &&
     each none individual_d3_s0,individual_d1_s0,individual_d2_s0,joint_ce_s0
 }
-wide_seed1() {  # width 1.0, seed 1 (OUT, RECORDS, WIDTH, RELEASED set): seed 0
-  # left EKD's full net 1.24 below the individual ResNet-20 and its ResNet-8
-  # only 0.24 above the individual one; the second seed gives each a spread.
-  # Each run is released as it finishes.
+seed1() {  # a check's second seed (OUT, RECORDS, WIDTH, EPOCHS, RELEASED set):
+  # do the sub-net leads of EKD's default (per-depth BN) at seed 0 hold, and
+  # its full net's gap (100 epochs: ResNet-8 and ResNet-14 ahead of the
+  # individual nets and joint CE; width 1.0: its full net 1.24 below the
+  # individual ResNet-20, its ResNet-8 only 0.24 above)? Every method of the
+  # seed-0 table gets its seed 1, so each difference has a spread; each run is
+  # released as it finishes.
   local run
   mkdir -p "$OUT" && records restore && parked unpark &&
     each none individual_d1_s1 && release individual_d1_s1 &&
@@ -98,17 +101,6 @@ wide_seed1() {  # width 1.0, seed 1 (OUT, RECORDS, WIDTH, RELEASED set): seed 0
     release ekd_bn_private_all_s1 || return
   for run in individual_d3_s1 individual_d2_s1 joint_ce_s1; do
     each none "$run" && release "$run" || return
-  done
-}
-seed1() {  # the 100-epoch check's second seed: do the sub-net leads of EKD's
-  # default (per-depth BN) at seed 0 hold (ResNet-8 and ResNet-14 over the
-  # individual nets and joint CE), and its full net's gap? Every method of
-  # the seed-0 table gets its seed 1, so each difference has a spread.
-  local run
-  each none individual_d1_s1 &&
-    drive ekd_bn_private_all ekd_bn_private_all_s1 --ablation-seeds 2 || return
-  for run in individual_d3_s1 individual_d2_s1 joint_ce_s1; do
-    each none "$run" && RELEASED=$REPO/docs/models/study100 release "$run" || return
   done
 }
 {
@@ -127,10 +119,11 @@ seed1() {  # the 100-epoch check's second seed: do the sub-net leads of EKD's
   drive ekd_bn_private_all ekd_bn_private_all_s2 --ablation-seeds 3 &&
   OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 check &&
   OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 each none individual_d2_s0 &&
-  OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 seed1 &&
+  OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 \
+    RELEASED=$REPO/docs/models/study100 seed1 &&
   OUT=$OUT_W1 RECORDS=$REPO/docs/results/study30_w1/runs WIDTH=1.0 wide &&
   OUT=$OUT_W1 RECORDS=$REPO/docs/results/study30_w1/runs WIDTH=1.0 \
-    RELEASED=$REPO/docs/models/study30_w1 wide_seed1 &&
+    RELEASED=$REPO/docs/models/study30_w1 seed1 &&
   each none depth_pruning_s1,offline_kd_d1_s1,offline_kd_d2_s1,one_s1,mcod_s1,indistill_d1_s1 \
     --comparison 2
 } >> "$OUT/driver.log" 2>&1
