@@ -81,11 +81,13 @@ check() {  # a seed-0 check; call with OUT, RECORDS, WIDTH and EPOCHS set for it
     each ekd_bn_private_all ekd_bn_private_all_s0 &&
     each none joint_ce_s0
 }
-wide() {  # width 1.0, seed 0 (OUT, RECORDS, WIDTH set): the default EKD and the
-  # individual ResNet-20 answer the question; the rest complete the table
+wide() {  # width 1.0, seed 0 (OUT, RECORDS, WIDTH, RELEASED set): the default
+  # EKD and the individual ResNet-20 answer the question; the rest complete
+  # the table; every run is released, as seed1 releases its runs
   mkdir -p "$OUT" && records restore && parked unpark &&
     each ekd_bn_private_all ekd_bn_private_all_s0 &&
-    each none individual_d3_s0,individual_d1_s0,individual_d2_s0,joint_ce_s0
+    each none individual_d3_s0,individual_d1_s0,individual_d2_s0,joint_ce_s0 &&
+    release ekd_bn_private_all_s0 individual_d3_s0 individual_d1_s0 individual_d2_s0 joint_ce_s0
 }
 seed1() {  # a check's second seed (OUT, RECORDS, WIDTH, EPOCHS, RELEASED set):
   # do the sub-net leads of EKD's default (per-depth BN) at seed 0 hold, and
@@ -121,7 +123,8 @@ seed1() {  # a check's second seed (OUT, RECORDS, WIDTH, EPOCHS, RELEASED set):
   OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 each none individual_d2_s0 &&
   OUT=$OUT_E100 RECORDS=$REPO/docs/results/study100/runs EPOCHS=100 \
     RELEASED=$REPO/docs/models/study100 seed1 &&
-  OUT=$OUT_W1 RECORDS=$REPO/docs/results/study30_w1/runs WIDTH=1.0 wide &&
+  OUT=$OUT_W1 RECORDS=$REPO/docs/results/study30_w1/runs WIDTH=1.0 \
+    RELEASED=$REPO/docs/models/study30_w1 wide &&
   OUT=$OUT_W1 RECORDS=$REPO/docs/results/study30_w1/runs WIDTH=1.0 \
     RELEASED=$REPO/docs/models/study30_w1 seed1 &&
   each none depth_pruning_s1,offline_kd_d1_s1,offline_kd_d2_s1,one_s1,mcod_s1,indistill_d1_s1 \
