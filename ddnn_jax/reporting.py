@@ -28,11 +28,19 @@ from ddnn_jax import mesh as mesh_lib
 # The per-depth metrics (evaluate.py computes them) in the order users read them.
 COLUMNS = ('top1', 'top5', 'loss', 'kl_to_full', 'agreement')
 
+# How long `report` times each depth's forward (at least two timed runs). The
+# test suite sets 0: it checks that the column is filled, and a second per
+# depth of every report it makes added minutes to it (tests/conftest.py).
+THROUGHPUT_MIN_SECONDS = 1.0
+
 
 def measure_throughput(model: models.DDNNResNet, variables, depth: models.Depth,
                        images: np.ndarray, mesh: jax.sharding.Mesh,
-                       min_seconds: float = 1.0) -> float:
-  """Images/s of the jitted inference forward of one depth on this machine."""
+                       min_seconds: float | None = None) -> float:
+  """Images/s of the jitted inference forward of one depth on this machine,
+  timed over at least `min_seconds` (default THROUGHPUT_MIN_SECONDS) and two runs."""
+  if min_seconds is None:
+    min_seconds = THROUGHPUT_MIN_SECONDS
   forward = inference.make_forward(model, depth, mesh)
   images = mesh_lib.global_batch({'image': images}, mesh)['image']
   forward(variables, images).block_until_ready()  # compile and warm up

@@ -24,7 +24,12 @@ CIFAR_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog',
 # here is replicated, so the tests use the faster-compiling variant.
 jax.config.update('jax_threefry_partitionable', False)
 
-from ddnn_jax import runtime  # noqa: E402
+from ddnn_jax import reporting, runtime  # noqa: E402
+
+# Every report times each depth's forward for a second by default; the tests
+# only need the img/s column filled (two timed runs), and timing belongs in
+# bench/. Runs a test starts as a subprocess keep the default.
+reporting.THROUGHPUT_MIN_SECONDS = 0.0
 
 # Most runs a test makes compile programs that another run of the session has
 # compiled already: a resume test trains one config two or three times, and the
@@ -46,6 +51,38 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
   if getattr(config, 'ddnn_xla_cache', None):
     shutil.rmtree(config.ddnn_xla_cache, ignore_errors=True)
+
+
+def _module_fixture_groups(items) -> dict:
+  """{item: group name}: the tests that share a module-scoped fixture of this
+  suite (a training run most of them), joined over every fixture they share."""
+  parent = {}
+
+  def find(name):
+    while parent.setdefault(name, name) != name:
+      name = parent[name]
+    return name
+
+  shared = {}
+  for item in items:
+    info = getattr(item, '_fixtureinfo', None)
+    names = [f'{item.module.__name__}::{name}' for name, defs in
+             (info.name2fixturedefs.items() if info else ())
+             if defs and defs[-1].scope == 'module']
+    if names:
+      shared[item] = names
+      for name in names[1:]:
+        parent[find(name)] = find(names[0])
+  return {item: find(names[0]) for item, names in shared.items()}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+  # pytest -n 2 (the README's command) runs with --dist loadgroup (setup.cfg):
+  # the tests that share a module-scoped fixture run on one worker, so each
+  # such fixture (a training run, 20-70 s) is computed once, not once a worker.
+  for item, group in _module_fixture_groups(items).items():
+    item.add_marker(pytest.mark.xdist_group(group))
 
 
 # The CIFAR-10 JPEG tar for the real-data tests: $DDNN_CIFAR10_TAR, else the
