@@ -76,11 +76,26 @@ def _module_fixture_groups(items) -> dict:
   return {item: find(names[0]) for item, names in shared.items()}
 
 
+# The modules that hold the suite's longest tests (multi-process and 8-device
+# runs, TPU compiles, resumes of several runs: 20-90 s each), heaviest first.
+# They run first so that the last tests a worker takes are short ones: xdist
+# hands each worker up to three tests ahead, and three of these at the end
+# left one worker busy for minutes while the other idled.
+HEAVY_MODULES_FIRST = ('test_train.py', 'test_aot.py', 'test_launch.py',
+                       'test_method_mcod.py', 'test_method_one.py', 'test_configs.py',
+                       'test_any_depth.py', 'test_bad_input.py',
+                       'test_method_depth_pruning.py', 'test_export.py', 'test_release.py')
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-  # pytest -n 2 (the README's command) runs with --dist loadgroup (setup.cfg):
-  # the tests that share a module-scoped fixture run on one worker, so each
-  # such fixture (a training run, 20-70 s) is computed once, not once a worker.
+  # pytest -n 2 (the README's command) runs with --dist loadgroup
+  # (pyproject.toml): the tests that share a module-scoped fixture run on one
+  # worker, so each such fixture (a training run, 20-70 s) is computed once,
+  # not once a worker. xdist starts with the largest groups, then takes the
+  # other tests in this order.
+  heavy = {name: i for i, name in enumerate(HEAVY_MODULES_FIRST)}
+  items.sort(key=lambda item: heavy.get(item.path.name, len(heavy)))
   for item, group in _module_fixture_groups(items).items():
     item.add_marker(pytest.mark.xdist_group(group))
 
