@@ -86,7 +86,8 @@ def get_config() -> ml_collections.ConfigDict:
   # trains for full_epochs, then is cut to each of config.depths, and the cut
   # nets fine-tune for the rest of num_epochs. init_from: the workdir of a
   # finished run whose full net the run starts from ('': a fresh one);
-  # full_epochs = 0 then cuts that net at once.
+  # full_epochs = 0 then cuts that net at once. Methods ekd and joint_ce
+  # start every depth from that full net (a warm start, methods/warm_start.py).
   config.init_from = ''
   config.pruning = ml_collections.ConfigDict()
   config.pruning.full_epochs = 20.0
@@ -117,6 +118,23 @@ def get_config() -> ml_collections.ConfigDict:
   config.ekd.student_ce = 1.0  # weight of the sub-nets' own cross-entropy
   config.ekd.full_ce = 1.0  # weight of the full net's cross-entropy
   config.ekd.rampup_epochs = 1.0  # sigmoid ramp-up of alpha and beta (0: none)
+  config.ekd.label_smoothing = 0.0  # of the full net's labels, its CE only (BigNAS: 0.1)
+  # Delayed sub-nets (progressive shrinking, DpS): only the full net trains (and
+  # runs) before this epoch; then each sub-net's whole loss ramps in over
+  # rampup_epochs. 0: every depth from step 0.
+  config.ekd.subnet_start_epochs = 0.0
+
+  # How the step combines the full net's gradient g_f with the sub-nets' g_s on
+  # the shared weights (methods ekd, joint_ce; ddnn_jax/gradients.py):
+  # surgery 'project' drops the part of g_s that opposes g_f within each group
+  # ('stage': stem, each stage, head; 'global': all weights), PCGrad-style;
+  # equilibrium divides each weight's gradient by the number of depths using it;
+  # 'measure' changes nothing and logs the per-group cosine of g_s with g_f
+  # (train/grads/cos_<group>), as every rule does.
+  config.grads = ml_collections.ConfigDict()
+  config.grads.surgery = 'none'  # 'none', 'measure' or 'project'
+  config.grads.groups = 'stage'  # 'stage' or 'global'
+  config.grads.equilibrium = False
 
   config.data = datasets.data_config('digits')
 
@@ -132,6 +150,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optim.decay_bn_and_bias = False  # False: no decay on BN and bias
   config.optim.schedule = 'cosine'  # 'cosine', 'step' or 'constant'
   config.optim.warmup_epochs = 0.0  # linear warm-up from 0 before the schedule
+  config.optim.min_lr_ratio = 0.0  # 'cosine': the floor, a fraction of the peak (BigNAS: 0.05)
   config.optim.milestones = (150.0, 225.0)  # 'step': epochs of each decay
   config.optim.decay_factor = 0.1  # 'step': multiplier at each milestone
 

@@ -37,6 +37,9 @@ _RANGES: dict[str, tuple[Any, str, str]] = {
     'ekd.student_ce': (lambda v: v >= 0, '>= 0', '1.0'),
     'ekd.full_ce': (lambda v: v >= 0, '>= 0', '1.0'),
     'ekd.rampup_epochs': (lambda v: v >= 0, '>= 0', '1.0'),
+    'ekd.label_smoothing': (lambda v: 0 <= v < 1, 'in [0, 1)', '0.1'),
+    'ekd.subnet_start_epochs': (lambda v: v >= 0, '>= 0', '15'),
+    'optim.min_lr_ratio': (lambda v: 0 <= v <= 1, 'in [0, 1]', '0.05'),
 }
 # Fields that count something: whole numbers >= 1.
 _COUNTS = {'batch_size': '128', 'eval_batch_size': '256', 'log_every_steps': '50',
@@ -129,6 +132,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, 'data.augment', AUGMENTATIONS)
   _check_choice(config, 'ekd.attention', losses.ATTENTION_KINDS)
   _check_choice(config, 'ekd.stages', losses.STAGE_SETS)
+  _check_choice(config, 'grads.surgery', methods.GRAD_SURGERIES)
+  _check_choice(config, 'grads.groups', methods.GRAD_GROUPS)
   for field in _RANGES:
     _check_range(config, field)
   for field in _COUNTS:

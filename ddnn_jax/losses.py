@@ -2,16 +2,20 @@
 
 For labels y, full-net logits z_f and sub-net logits z_k:
 
-  L = phi * CE(z_f, y) + sum_k [ gamma * CE(z_k, y)
+  L = phi * CE_eps(z_f, y) + u(t) * sum_k [ gamma * CE(z_k, y)
                           + r(t) * alpha * T^2 * KL(softmax(z_f / T) || softmax(z_k / T))
                           + r(t) * beta * sum_{s in S} D(A(F_k^s), A(F_f^s)) ]
 
 where A is an attention map of a stage's output, D its distance, phi the full
-net's CE weight (`full_ce`), gamma the sub-nets' CE weight (`student_ce`; 0
-with T = 1 and beta = 0 is the in-place distillation of weight-shared
-sub-nets) and r(t) the sigmoid ramp-up of the KD terms over the first
-`rampup_epochs` (1 without one). Every term is computed in float32 and
-reported per depth.
+net's CE weight (`full_ce`), CE_eps its cross-entropy against labels smoothed
+by eps (`label_smoothing`, 0: plain), gamma the sub-nets' CE weight
+(`student_ce`; 0 with T = 1 and beta = 0 is the in-place distillation of
+weight-shared sub-nets) and r(t) the sigmoid ramp-up of the KD terms over the
+first `rampup_epochs` (1 without one). u(t) brings the sub-nets in late
+(`subnet_start_epochs` > 0, delayed sub-nets): 0 before that epoch, then the
+sigmoid ramp over `rampup_epochs` from there (which then scales each
+sub-net's whole loss, r(t) = 1); 1 without a delay. Every term is computed in
+float32 and reported per depth.
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class EKDConfig:
   student_ce: float = 1.0  # weight of the sub-nets' own cross-entropy
   full_ce: float = 1.0  # weight of the full net's (the teacher's) cross-entropy
   rampup_epochs: float = 0.0  # sigmoid ramp-up of the KD terms (0: none)
+  label_smoothing: float = 0.0  # of the full net's labels (its CE only)
+  subnet_start_epochs: float = 0.0  # the sub-nets train from this epoch on (0: from step 0)
 
   def __post_init__(self):
     if self.attention not in ATTENTION_KINDS:
@@ -53,10 +59,13 @@ class EKDConfig:
       raise ValueError(f'unknown stages {self.stages!r}; choose one of {STAGE_SETS}')
     if not self.temperature > 0:
       raise ValueError(f'temperature must be > 0, got {self.temperature}')
-    for name in ('alpha', 'beta', 'student_ce', 'full_ce', 'rampup_epochs'):
+    for name in ('alpha', 'beta', 'student_ce', 'full_ce', 'rampup_epochs',
+                 'subnet_start_epochs'):
       value = getattr(self, name)
       if not (value >= 0 and math.isfinite(value)):
         raise ValueError(f'{name} must be a finite number >= 0, got {value}')
+    if not 0 <= self.label_smoothing < 1:
+      raise ValueError(f'label_smoothing must be in [0, 1), got {self.label_smoothing}')
 
 
 def sigmoid_rampup(step: jax.Array, rampup_steps: int) -> jax.Array:
@@ -67,10 +76,15 @@ def sigmoid_rampup(step: jax.Array, rampup_steps: int) -> jax.Array:
   return jnp.exp(-5.0 * jnp.square(1.0 - t))
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-  """Mean softmax cross-entropy against integer labels."""
-  return optax.losses.softmax_cross_entropy_with_integer_labels(
-      logits.astype(jnp.float32), labels).mean()
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """Mean softmax cross-entropy against integer labels, smoothed by
+  `label_smoothing` (the target is (1 - eps) one-hot + eps / classes)."""
+  logits = logits.astype(jnp.float32)
+  if not label_smoothing:
+    return optax.losses.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+  return optax.losses.softmax_cross_entropy(logits, targets).mean()
 
 
 def kl_divergence(teacher_logits: jax.Array, student_logits: jax.Array,
@@ -116,7 +130,8 @@ def attention_distance(student_features: jax.Array, teacher_features: jax.Array,
 
 def ekd_loss(outputs: Sequence[models.DepthOutput], depths: Sequence[models.Depth],
              labels: jax.Array, teacher_depth: models.Depth,
-             config: EKDConfig = EKDConfig(), kd_scale: jax.Array | float = 1.0
+             config: EKDConfig = EKDConfig(), kd_scale: jax.Array | float = 1.0,
+             subnet_scale: jax.Array | float = 1.0
              ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """EKD objective over the outputs of ``model.forward_depths(images, depths)``.
 
@@ -124,8 +139,10 @@ def ekd_loss(outputs: Sequence[models.DepthOutput], depths: Sequence[models.Dept
   reported but not added), keyed
   ``'<depth tag>/<term>'`` with terms ``ce``, ``kl``, ``at``, ``at_stage<s>``
   (stages from 1) and ``loss`` (the depth's weighted sum). The teacher has only
-  ``ce`` and ``loss``. ``kd_scale`` multiplies alpha and beta (the ramp-up's
-  r(t)).
+  ``ce`` and ``loss``; its ``ce`` is the plain cross-entropy also when the loss
+  smooths its labels (then reported as ``ce_smoothed`` too). ``kd_scale``
+  multiplies alpha and beta (the ramp-up's r(t)), ``subnet_scale`` each
+  sub-net's whole loss (u(t); its ``loss`` term is reported scaled).
   """
   depths = [tuple(d) for d in depths]
   teacher_depth = tuple(teacher_depth)
@@ -150,6 +167,9 @@ def ekd_loss(outputs: Sequence[models.DepthOutput], depths: Sequence[models.Dept
     ce = cross_entropy(output.logits, labels)
     terms[f'{tag}/ce'] = ce
     weight = config.full_ce if depth == teacher_depth else config.student_ce
+    if depth == teacher_depth and config.label_smoothing:
+      ce = cross_entropy(output.logits, labels, config.label_smoothing)
+      terms[f'{tag}/ce_smoothed'] = ce
     loss = ce if weight == 1.0 else weight * ce
     if depth != teacher_depth:
       kl = kl_divergence(teacher_logits, output.logits, config.temperature)
@@ -167,6 +187,8 @@ def ekd_loss(outputs: Sequence[models.DepthOutput], depths: Sequence[models.Dept
         loss = loss + kd_scale * config.alpha * kl
       if config.beta:
         loss = loss + kd_scale * config.beta * at
+      if not isinstance(subnet_scale, float) or subnet_scale != 1.0:
+        loss = subnet_scale * loss
     terms[f'{tag}/loss'] = loss
     total = total + loss
   return total, terms

@@ -26,7 +26,8 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict, steps_per_epoch: in
   total = max(1, epochs_to_steps(num_epochs, steps_per_epoch))
   warmup = min(epochs_to_steps(optim.warmup_epochs, steps_per_epoch), total)
   if optim.schedule == 'cosine':
-    main = optax.cosine_decay_schedule(lr, max(1, total - warmup))
+    main = optax.cosine_decay_schedule(lr, max(1, total - warmup),
+                                       alpha=optim.get('min_lr_ratio', 0.0))
   elif optim.schedule == 'step':
     boundaries = {epochs_to_steps(e, steps_per_epoch) - warmup: optim.decay_factor
                   for e in optim.milestones}

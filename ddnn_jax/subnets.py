@@ -16,8 +16,8 @@ import flax.linen as nn
 
 from ddnn_jax.models import depth_tag
 
-_BLOCK_NAME = re.compile(r'^stage(\d+)_block(\d+)$')
-_TAGGED_NAME = re.compile(r'^(.+)_(d\d+(?:-\d+)*)$')
+BLOCK_NAME = re.compile(r'^stage(\d+)_block(\d+)$')
+TAGGED_NAME = re.compile(r'^(.+)_(d\d+(?:-\d+)*)$')
 
 
 def extract_subnet(variables: Mapping[str, Any], depth: Sequence[int]) -> dict:
@@ -34,10 +34,10 @@ def extract_subnet(variables: Mapping[str, Any], depth: Sequence[int]) -> dict:
   def keep(tree: Mapping[str, Any]) -> dict:
     out = {}
     for key, value in tree.items():
-      block = _BLOCK_NAME.match(key)
+      block = BLOCK_NAME.match(key)
       if block and int(block.group(2)) >= depth[int(block.group(1)) - 1]:
         continue
-      tagged = _TAGGED_NAME.match(key)
+      tagged = TAGGED_NAME.match(key)
       if tagged:
         found_tags.add(tagged.group(2))
         if tagged.group(2) != tag:
@@ -59,3 +59,30 @@ def member_variables(model: nn.Module, variables: Mapping[str, Any], member: Any
   `model.member_variables(variables, member)`, else `extract_subnet`."""
   extract = getattr(model, 'member_variables', None)
   return extract(variables, member) if callable(extract) else extract_subnet(variables, member)
+
+
+def fill_from_standalone(variables: Mapping[str, Any], standalone: Mapping[str, Any]) -> dict:
+  """`variables` of a DDNN (any BN mode) with every array taken from
+  `standalone`, the variables of the standalone net of its full depth (shared
+  BatchNorm, as extract_subnet lays them out): each per-depth norm layer
+  (``bn1_d2-2-2``) gets a copy of the plain one (``bn1``). The inverse of
+  extract_subnet at the full depth; ValueError naming the first array the
+  standalone net lacks or holds in another shape."""
+
+  def fill(tree: Mapping[str, Any], source: Mapping[str, Any], where: str) -> dict:
+    out = {}
+    for key, value in tree.items():
+      tagged = TAGGED_NAME.match(key)
+      name = tagged.group(1) if tagged else key
+      if not isinstance(source, Mapping) or name not in source:
+        raise ValueError(f'the standalone net has no {where}{name} for {where}{key}')
+      if isinstance(value, Mapping):
+        out[key] = fill(value, source[name], f'{where}{key}/')
+      elif tuple(value.shape) != tuple(source[name].shape):
+        raise ValueError(f'{where}{key} is {tuple(value.shape)} here but '
+                         f'{tuple(source[name].shape)} in the standalone net')
+      else:
+        out[key] = source[name]
+    return out
+
+  return {c: fill(tree, standalone.get(c, {}), f'{c}/') for c, tree in variables.items()}

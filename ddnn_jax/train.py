@@ -23,6 +23,7 @@ from ddnn_jax import (
   config_lib,
   evaluate,
   experiment,
+  gradients,
   input_pipeline,
   methods,
   models,
@@ -63,15 +64,18 @@ def make_train_step(exp: experiment.Experiment):
   if method.any_depth is not None:
     return any_depth.SandwichStep(exp, make_loss_fn, make_update)
   model, depths, teacher = method.model, method.depths, method.teacher
-  loss_fn = make_loss_fn(model, depths, method.objective, teacher)
+  loss_fn = make_loss_fn(model, depths, method.objective, teacher, method.solo_steps)
   update = make_update(exp)
 
   def step(state: TrainState, batch, teacher_variables=None):
     step_args = () if teacher is None else (teacher_variables,)
     state = methods.apply_transitions(method, exp.tx, state, step_args)  # between phases
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-    (loss, (terms, batch_stats, _)), grads = grad_fn(
-        state.params, state.batch_stats, batch, state.step, teacher_variables)
+    args = (state.batch_stats, batch, state.step, teacher_variables)
+    if method.grads is None:
+      grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+      (loss, (terms, batch_stats, _)), grads = grad_fn(state.params, *args)
+    else:
+      loss, terms, batch_stats, grads = _ruled_gradients(method, loss_fn, state.params, args)
     return update(state, grads, batch_stats, loss, terms)
 
   in_shardings = (exp.state_sharding, mesh_lib.batch_sharding(mesh))
@@ -82,16 +86,64 @@ def make_train_step(exp: experiment.Experiment):
                  donate_argnums=0)
 
 
-def make_loss_fn(model, depths, objective, teacher=None):
+def _ruled_gradients(method, loss_fn, params, args):
+  """(loss, terms, batch_stats, grads) of one step under `method.grads`: the
+  reference member's loss and the others' differentiated apart (one forward,
+  two backward passes), then combined by gradients.combine."""
+  reference = models.depth_tag(method.depths[-1])
+
+  def split(params):
+    loss, aux = loss_fn(params, *args)
+    key = f'{reference}/loss'
+    if key not in aux[0]:
+      raise ValueError(f'config.grads needs the objective to report {key!r}; method '
+                       'ekd or joint_ce reports it')
+    return (aux[0][key], loss - aux[0][key]), (loss, aux)
+
+  _, pullback, (loss, (terms, batch_stats, _)) = jax.vjp(split, params, has_aux=True)
+  one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+  (g_full,), (g_sub,) = pullback((one, zero)), pullback((zero, one))
+  grads, stats = gradients.combine(method.grads, g_full, g_sub, params, method.depths)
+  return loss, {**terms, **stats}, batch_stats, grads
+
+
+def make_loss_fn(model, depths, objective, teacher=None, solo_steps: int = 0):
   """(params, batch_stats, batch, step, teacher_variables) -> (loss, (terms,
   new batch_stats, outputs)): `depths` of `model` in train mode, the
   objective over their outputs (with a frozen teacher's, if any) and each
-  member's batch accuracy in `terms`."""
+  member's batch accuracy in `terms`. Before step `solo_steps` only the last
+  member runs (one branch of a lax.cond): the others' outputs are zeros and
+  their BatchNorm statistics are kept."""
+
+  def forward(params, batch_stats, images, step):
+    variables = {'params': params, 'batch_stats': batch_stats}
+
+    def run(members):
+      return model.apply(variables, images, members, True, method=model.forward_depths,
+                         mutable=['batch_stats'])
+
+    if not solo_steps:
+      return run(depths)
+
+    def everyone():
+      outputs, updates = run(depths)
+      return outputs, updates.get('batch_stats', batch_stats)
+
+    def reference_only():
+      (reference,), updates = run(depths[-1:])
+      shapes = jax.eval_shape(everyone)[0]
+      outputs = tuple(reference if i == len(depths) - 1 else
+                      jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), shape)
+                      for i, shape in enumerate(shapes))
+      stats = traverse_util.flatten_dict(batch_stats)
+      stats.update(traverse_util.flatten_dict(updates.get('batch_stats', {})))
+      return outputs, traverse_util.unflatten_dict(stats)
+
+    outputs, stats = jax.lax.cond(step < solo_steps, reference_only, everyone)
+    return outputs, {'batch_stats': stats}
 
   def loss_fn(params, batch_stats, batch, step, teacher_variables=None):
-    outputs, updates = model.apply(
-        {'params': params, 'batch_stats': batch_stats}, batch['image'], depths, True,
-        method=model.forward_depths, mutable=['batch_stats'])
+    outputs, updates = forward(params, batch_stats, batch['image'], step)
     extra = {}
     if teacher is not None:
       extra['teacher_outputs'] = jax.lax.stop_gradient(teacher.model.apply(
@@ -101,6 +153,8 @@ def make_loss_fn(model, depths, objective, teacher=None):
     for depth, output in zip(depths, outputs):
       correct = jnp.argmax(output.logits, -1) == batch['label']
       terms[f'{models.member_name(model, depth)}/accuracy'] = correct.mean()
+    if solo_steps:
+      terms['subnets_on'] = (step >= solo_steps).astype(jnp.float32)
     return loss, (terms, updates.get('batch_stats', batch_stats), outputs)
 
   return loss_fn

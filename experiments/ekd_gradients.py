@@ -16,6 +16,11 @@ says otherwise) with the real train step and input pipeline, and every
                            train mode
   block_change[block]      ||out - in|| / ||in|| of each full-net block whose
                            input and output shapes agree (how much it adds)
+  cos_full_sub[group]      cosine of the sub-nets' whole gradient (ce_sub + kl
+                           + at) with the full net's (ce_full) over the
+                           weights more than one depth runs, per group
+                           (gradients.group_dots): does the sub-nets' pull
+                           oppose the full net's descent on what they share?
 
 Terms: ce_full (the full net's CE), ce_sub (the sub-nets' CE, weighted by
 ekd.student_ce), kl (alpha * kd_scale * every sub-net's KL), at_stage<s>
@@ -44,6 +49,7 @@ import numpy as np  # noqa: E402
 from ddnn_jax import (  # noqa: E402
   config_lib,
   experiment,
+  gradients,
   input_pipeline,
   losses,
   methods,
@@ -118,7 +124,10 @@ def make_diagnostics(method: methods.Method):
                                                                batch, step)
     ce_grad = jax.tree_util.tree_map(lambda a, b: a + b, jac['ce_full'], jac['ce_sub'])
     stats = {term: group_norms_and_dots(g, ce_grad) for term, g in jac.items()}
-    return stats, ce, dead, block_change(params, batch_stats, batch['image'])
+    sub = jax.tree_util.tree_map(lambda *g: sum(g), *[g for t, g in jac.items()
+                                                     if t != 'ce_full'])
+    shared = gradients.group_dots(jac['ce_full'], sub, params, depths)
+    return stats, shared, ce, dead, block_change(params, batch_stats, batch['image'])
 
   return diagnose
 
@@ -154,9 +163,11 @@ def main() -> None:
     for step in range(args.steps + 1):
       batch = mesh_lib.global_batch(next(batches), mesh)
       if step % args.every == 0:
-        stats, ce, dead, change = jax.device_get(
+        stats, shared, ce, dead, change = jax.device_get(
             diagnose(state.params, state.batch_stats, batch, state.step))
         record = {'step': step, 'grad_norm': {}, 'cos_ce': {},
+                  'cos_full_sub': {g: float(dot / max(np.sqrt(ff * ss), 1e-30))
+                                   for g, (dot, ff, ss) in shared.items()},
                   'ce': {k: float(v) for k, v in ce.items()},
                   'dead': {k: [float(x) for x in v] for k, v in dead.items()},
                   'block_change': {k: float(v) for k, v in change.items()}}
@@ -192,6 +203,8 @@ def print_table(records: list[dict], window: int, label: str) -> None:
       cells = [f'{t} {_mean(rs, "grad_norm", t, group):.3f} '
                f'({_mean(rs, "cos_ce", t, group):+.2f})' for t in first['grad_norm']]
       print(f'  |grad| (cos with CE) {group:6s}: ' + ', '.join(cells))
+    print('  cos(sub-nets, full) on shared weights: ' + ', '.join(
+        f'{g} {_mean(rs, "cos_full_sub", g):+.3f}' for g in first['cos_full_sub']))
     print('  train CE: ' + ', '.join(f'{d} {_mean(rs, "ce", d):.3f}' for d in first['ce']))
     print('  dead fraction per stage: ' + '; '.join(
         f'{d} ' + '/'.join(f'{_mean(rs, "dead", d, s):.2f}' for s in range(len(v)))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import ml_collections
 
 from ddnn_jax import losses
-from ddnn_jax.methods import base
+from ddnn_jax.methods import base, warm_start
 
 
 @base.register('ekd', bn_mode='private_all')
@@ -17,5 +17,10 @@ def build(config: ml_collections.ConfigDict, num_classes: int,
   depths = base.train_depths(config, model)
   ekd = losses.EKDConfig(**config.ekd.to_dict())
   ramp = base.rampup_steps(ekd, steps_per_epoch)
-  return base.Method(model, depths, base.ekd_objective(model, depths, ekd, ramp), ekd, ramp,
-                     any_depth=base.any_depth_rule(config, model, depths, ekd, ramp))
+  start = base.subnet_start_step(ekd, steps_per_epoch)
+  return base.Method(model, depths, base.ekd_objective(model, depths, ekd, ramp, start),
+                     ekd, ramp, teacher=warm_start.teacher(config, model, num_classes,
+                                                        steps_per_epoch),
+                     transitions=warm_start.transitions(config, steps_per_epoch),
+                     any_depth=base.any_depth_rule(config, model, depths, ekd, ramp),
+                     solo_steps=start, grads=base.gradient_rule(config))

@@ -20,5 +20,6 @@ def build(config: ml_collections.ConfigDict, num_classes: int,
   model = base.create_model(config, num_classes, stage_sizes)
   depths = (model.full_depth,)
   ekd = dataclasses.replace(losses.EKDConfig(**config.ekd.to_dict()), alpha=0.0, beta=0.0,
-                            student_ce=1.0, full_ce=1.0, rampup_epochs=0.0)
+                            student_ce=1.0, full_ce=1.0, rampup_epochs=0.0,
+                            subnet_start_epochs=0.0)
   return base.Method(model, depths, base.ekd_objective(model, depths, ekd, 0), ekd, 0)
