@@ -83,7 +83,29 @@ ABLATIONS = {
     # features the full net's head reads, instead of bending it to theirs.
     'ekd_head_full': {'model.head_grad': 'full'},
     'joint_ce_bn_private_stats': {'method': 'joint_ce', 'model.bn_mode': 'private_stats'},
+    # Published ways to keep the full net (docs/RESULTS.md, "Keeping the full
+    # net"). Delayed sub-nets (progressive shrinking, DpS): the full net alone
+    # for half the epochs, then every sub-net's loss ramped in over 2 epochs.
+    'ekd_delayed15': {'ekd.subnet_start_epochs': 15.0, 'ekd.rampup_epochs': 2.0},
+    # The sandwich rule as BigNAS trains it: labels for the full net only
+    # (smoothed by 0.1), the sub-nets on its detached T = 1 predictions, the
+    # last norm of each block zeroed at the start, the cosine floored at 5%.
+    'ekd_sandwich': {'ekd.temperature': 1.0, 'ekd.student_ce': 0.0,
+                     'ekd.label_smoothing': 0.1, 'ekd.rampup_epochs': 0.0,
+                     'model.zero_init_residual': True, 'optim.min_lr_ratio': 0.05},
+    # Gradient conflict: the sub-nets' gradient loses its part against the full
+    # net's, per stage (PCGrad-style); or each shared weight's gradient is
+    # the mean over the depths using it (gradient equilibrium).
+    'ekd_project': {'grads.surgery': 'project'},
+    'ekd_grad_eq': {'grads.equilibrium': True},
+    # Warm start (Once-for-All): every depth from the seed's individually
+    # trained ResNet-20, all depths fine-tuned for 10 epochs from lr 0.02.
+    'ekd_warm10': {'init_from': 'INDIVIDUAL_FULL_NET', 'num_epochs': 10.0,
+                   'optim.learning_rate': 0.02},
 }
+# An ablation's init_from of this value is the seed's individual ResNet-20
+# (full_net_run: its run in OUT, else its release).
+INDIVIDUAL_FULL_NET = 'INDIVIDUAL_FULL_NET'
 
 
 # The ones docs/RESULTS.md reports next to the headline: the method as the
@@ -175,8 +197,13 @@ def plan(args: argparse.Namespace) -> list[Run]:
   def ablation_runs(seed):
     if seed >= args.ablation_seeds:
       return []
-    return [Run(f'{name}_s{seed}', {'method': 'ekd', 'seed': seed, **ABLATIONS[name]})
-            for name in _ablations(args.ablations)]
+    runs = []
+    for name in _ablations(args.ablations):
+      fields = {'method': 'ekd', 'seed': seed, **ABLATIONS[name]}
+      if fields.get('init_from') == INDIVIDUAL_FULL_NET:
+        fields['init_from'] = full_net_run(seed, args.out, args.released)
+      runs.append(Run(f'{name}_s{seed}', fields))
+    return runs
 
   runs = main_runs(0) + ablation_runs(0)
   for seed in range(1, max(args.seeds, args.ablation_seeds)):
