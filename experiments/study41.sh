@@ -21,7 +21,7 @@
 #       --parked docs/results/study30/parked   # then commit that folder
 set -u
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-PIN=${PIN:-HEAD_PIN}
+PIN=${PIN:-110ae67}
 OUT=${OUT:-/tmp/ddnn_study30}
 ROOT=${ROOT:-$(cd "$REPO/.." && pwd)/shared/datasets/cifar10-jpeg-train.tar}
 RECORDS=$REPO/docs/results/study30/runs
