@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import jax
 import numpy as np
@@ -301,3 +302,15 @@ def test_any_depth_training_refuses_the_delayed_start():
                            'ekd.subnet_start_epochs': 1.0})
   with pytest.raises(ValueError, match=r'--config.ekd.subnet_start_epochs=0'):
     methods.create_method(config, NUM_CLASSES, 10)
+
+
+def test_the_objective_checks_find_summed_losses_and_one_weight_decay():
+  sys.path.insert(0, os.path.join(ROOT, 'experiments'))
+  import objective_checks
+
+  mesh = mesh_lib.create_mesh()
+  exp = experiment.build(smoke_config(), mesh, DATA)
+  result = objective_checks.check(exp, batch(0, mesh))
+  assert result['loss_over_sum_of_depth_losses'] == pytest.approx(1.0, abs=1e-6)
+  assert result['grad_over_sum_of_depth_grads'] == pytest.approx(1.0, abs=1e-5)
+  assert result['weight_decay_multiplier'] == pytest.approx(1.0, abs=1e-3)
