@@ -16,7 +16,7 @@ from typing import Any
 
 import ml_collections
 
-from ddnn_jax import losses, methods, models, onednn_conv, optim
+from ddnn_jax import gradients, losses, methods, models, onednn_conv, optim
 from ddnn_jax.datasets import sources
 from ddnn_jax.preprocessing import AUGMENTATIONS
 
@@ -132,8 +132,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
   _check_choice(config, 'data.augment', AUGMENTATIONS)
   _check_choice(config, 'ekd.attention', losses.ATTENTION_KINDS)
   _check_choice(config, 'ekd.stages', losses.STAGE_SETS)
-  _check_choice(config, 'grads.surgery', methods.GRAD_SURGERIES)
-  _check_choice(config, 'grads.groups', methods.GRAD_GROUPS)
+  _check_choice(config, 'grads.surgery', gradients.SURGERIES)
+  _check_choice(config, 'grads.groups', gradients.GROUPS)
   for field in _RANGES:
     _check_range(config, field)
   for field in _COUNTS:

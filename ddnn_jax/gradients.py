@@ -1,4 +1,4 @@
-"""Gradient rules for the members of one DDNN (config.grads, methods.GradientRule).
+"""Gradient rules for the members of one DDNN (config.grads, GradientRule).
 
 The train step normally differentiates the summed loss: every shared weight
 gets g_f + g_s, the reference (full) net's gradient plus the sum of the
@@ -15,16 +15,60 @@ combines them otherwise:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from ddnn_jax import models, subnets
-from ddnn_jax.methods import base
 
+SURGERIES = ('none', 'measure', 'project')
+GROUPS = ('stage', 'global')
 # The groups `groups='stage'` uses: a top-level parameter name's first word.
 STAGE_GROUPS = ('stem', 'stage1', 'stage2', 'stage3', 'stage4', 'head')
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientRule:
+  """How the train step combines the reference member's gradient g_f with the
+  other members' g_s on the shared weights (config.grads), instead of g_f + g_s.
+
+  Without `project` and `equilibrium` (surgery 'measure') the step applies
+  g_f + g_s as usual and only logs their cosine per group.
+  `project`: where g_s . g_f < 0 within a group of parameters, g_s loses its
+  component along g_f (PCGrad's projection, one-sided: g_f is kept whole);
+  `groups` 'stage' takes the stem, each stage and the head as groups, 'global'
+  all parameters as one. `equilibrium`: each parameter's summed gradient is
+  divided by the number of members that use it (the mean over the exits below
+  it instead of their sum; gradient equilibrium)."""
+  project: bool = False
+  groups: str = 'stage'
+  equilibrium: bool = False
+
+
+
+def rule(config: ml_collections.ConfigDict) -> GradientRule | None:
+  """The rule of `config.grads` (None: plain summed gradients)."""
+  grads = config.get('grads')
+  if grads is None:
+    return None
+  surgery = grads.get('surgery', 'none')
+  if surgery not in SURGERIES:
+    raise ValueError(f'grads.surgery={surgery!r} is not one of {SURGERIES}; pass '
+                     "e.g. --config.grads.surgery=project")
+  groups = grads.get('groups', 'stage')
+  if groups not in GROUPS:
+    raise ValueError(f'grads.groups={groups!r} is not one of {GROUPS}; pass '
+                     "e.g. --config.grads.groups=stage")
+  equilibrium = grads.get('equilibrium', False)
+  if not isinstance(equilibrium, bool):
+    raise ValueError(f'grads.equilibrium={equilibrium!r} must be True or False; pass '
+                     'e.g. --config.grads.equilibrium=True')
+  if surgery == 'none' and not equilibrium:
+    return None  # 'measure' keeps a rule that changes nothing but logs
+  return GradientRule(project=surgery == 'project', groups=groups, equilibrium=equilibrium)
 
 
 def _keys(path) -> list[str]:
@@ -79,7 +123,7 @@ def group_dots(g_full, g_sub, params, depths, groups: str = 'stage') -> dict:
   return out
 
 
-def combine(rule: base.GradientRule, g_full, g_sub, params,
+def combine(rule: GradientRule, g_full, g_sub, params,
             depths: Sequence[tuple[int, ...]]):
   """(gradient to apply, metrics) from the reference member's gradient
   `g_full` and the other members' `g_sub` (trees like `params`). Only the

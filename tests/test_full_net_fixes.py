@@ -206,7 +206,7 @@ def test_gradient_rules_match_numpy(project, groups, equilibrium):
   g_sub = jax.tree_util.tree_map_with_path(
       lambda path, g: (-0.5 * g if 'stage2' in str(path[0])
                        else rng.standard_normal(g.shape).astype(np.float32)), g_full)
-  rule = methods.GradientRule(project=project, groups=groups, equilibrium=equilibrium)
+  rule = gradients.GradientRule(project=project, groups=groups, equilibrium=equilibrium)
   got, metrics = gradients.combine(rule, g_full, g_sub, params, DEPTHS)
   counts = {k: int(v) for k, v in flat(gradients.users(params, DEPTHS)).items()}
   want = numpy_combine(flat(g_full), flat(g_sub), counts, project, groups, equilibrium)

@@ -19,10 +19,7 @@ from ddnn_jax.methods import (  # noqa: F401, E402 -- they register
 )
 from ddnn_jax.methods.base import (
     BN_AUTO,
-    GRAD_GROUPS,
-    GRAD_SURGERIES,
     Builder,
-    GradientRule,
     Method,
     Objective,
     Teacher,
@@ -41,7 +38,6 @@ from ddnn_jax.methods.base import (
     train_depths,
 )
 
-__all__ = ['BN_AUTO', 'GRAD_GROUPS', 'GRAD_SURGERIES', 'GradientRule',
-           'Builder', 'Method', 'Objective', 'Teacher', 'Trainable', 'Transition',
+__all__ = ['BN_AUTO', 'Builder', 'Method', 'Objective', 'Teacher', 'Trainable', 'Transition',
            'apply_transitions', 'bn_mode', 'create_method', 'create_model', 'keep_frozen',
            'names', 'phase_index', 'phased', 'register', 'resolve_bn_mode', 'train_depths']

@@ -55,7 +55,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from ddnn_jax import any_depth, losses, models
+from ddnn_jax import any_depth, gradients, losses, models
 
 # (outputs of forward_depths, labels, step, *, teacher_outputs=None) -> (loss, terms)
 Objective = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
@@ -93,25 +93,7 @@ class Method:
   # (delayed sub-nets): the others' outputs read as zeros there and their
   # BatchNorm statistics stay as they are; the program runs one branch.
   solo_steps: int = 0
-  grads: GradientRule | None = None  # surgery on the members' gradients (below)
-
-
-@dataclasses.dataclass(frozen=True)
-class GradientRule:
-  """How the train step combines the reference member's gradient g_f with the
-  other members' g_s on the shared weights (config.grads), instead of g_f + g_s.
-
-  Without `project` and `equilibrium` (surgery 'measure') the step applies
-  g_f + g_s as usual and only logs their cosine per group.
-  `project`: where g_s . g_f < 0 within a group of parameters, g_s loses its
-  component along g_f (PCGrad's projection, one-sided: g_f is kept whole);
-  `groups` 'stage' takes the stem, each stage and the head as groups, 'global'
-  all parameters as one. `equilibrium`: each parameter's summed gradient is
-  divided by the number of members that use it (the mean over the exits below
-  it instead of their sum; gradient equilibrium)."""
-  project: bool = False
-  groups: str = 'stage'
-  equilibrium: bool = False
+  grads: gradients.GradientRule | None = None  # surgery on the members' gradients
 
 
 # (config, num_classes, steps_per_epoch or None) -> Method
@@ -122,8 +104,6 @@ _BN_DEFAULTS: dict[str, str] = {}
 # Why a method takes shared norm layers only, for the methods that do.
 _SHARED_BN_ONLY: dict[str, str] = {}
 BN_AUTO = 'auto'
-GRAD_SURGERIES = ('none', 'measure', 'project')
-GRAD_GROUPS = ('stage', 'global')
 
 
 def register(name: str, *, bn_mode: str = 'shared',
@@ -239,7 +219,7 @@ def any_depth_rule(config: ml_collections.ConfigDict, model: models.DDNNResNet,
         f'any_depth.k={k} needs model.bn_mode=shared (per-depth BatchNorm would need '
         'layers for every depth of the space); pass --config.model.bn_mode=shared and '
         're-calibrate each depth after training (--recalibrate_bn)')
-  if ekd.subnet_start_epochs or gradient_rule(config) is not None:
+  if ekd.subnet_start_epochs or gradients.rule(config) is not None:
     raise ValueError(
         f'any_depth.k={k} trains sampled depths from step 0 with summed gradients; pass '
         '--config.ekd.subnet_start_epochs=0 --config.grads.surgery=none '
@@ -263,28 +243,6 @@ def rampup_steps(ekd: losses.EKDConfig, steps_per_epoch: int | None) -> int:
 def subnet_start_step(ekd: losses.EKDConfig, steps_per_epoch: int | None) -> int:
   """`ekd.subnet_start_epochs` in steps (0: the sub-nets train from step 0)."""
   return epochs_in_steps(ekd.subnet_start_epochs, steps_per_epoch)
-
-
-def gradient_rule(config: ml_collections.ConfigDict) -> GradientRule | None:
-  """The rule of `config.grads` (None: plain summed gradients)."""
-  grads = config.get('grads')
-  if grads is None:
-    return None
-  surgery = grads.get('surgery', 'none')
-  if surgery not in GRAD_SURGERIES:
-    raise ValueError(f'grads.surgery={surgery!r} is not one of {GRAD_SURGERIES}; pass '
-                     "e.g. --config.grads.surgery=project")
-  groups = grads.get('groups', 'stage')
-  if groups not in GRAD_GROUPS:
-    raise ValueError(f'grads.groups={groups!r} is not one of {GRAD_GROUPS}; pass '
-                     "e.g. --config.grads.groups=stage")
-  equilibrium = grads.get('equilibrium', False)
-  if not isinstance(equilibrium, bool):
-    raise ValueError(f'grads.equilibrium={equilibrium!r} must be True or False; pass '
-                     'e.g. --config.grads.equilibrium=True')
-  if surgery == 'none' and not equilibrium:
-    return None  # 'measure' keeps a rule that changes nothing but logs
-  return GradientRule(project=surgery == 'project', groups=groups, equilibrium=equilibrium)
 
 
 def ekd_objective(model: models.DDNNResNet, depths: tuple[models.Depth, ...],

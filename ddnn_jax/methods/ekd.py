@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from ddnn_jax import losses
+from ddnn_jax import gradients, losses
 from ddnn_jax.methods import base, warm_start
 
 
@@ -23,4 +23,4 @@ def build(config: ml_collections.ConfigDict, num_classes: int,
                                                         steps_per_epoch),
                      transitions=warm_start.transitions(config, steps_per_epoch),
                      any_depth=base.any_depth_rule(config, model, depths, ekd, ramp),
-                     solo_steps=start, grads=base.gradient_rule(config))
+                     solo_steps=start, grads=gradients.rule(config))

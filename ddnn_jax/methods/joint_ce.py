@@ -6,7 +6,7 @@ import dataclasses
 
 import ml_collections
 
-from ddnn_jax import losses
+from ddnn_jax import gradients, losses
 from ddnn_jax.methods import base, warm_start
 
 
@@ -22,4 +22,4 @@ def build(config: ml_collections.ConfigDict, num_classes: int,
                      teacher=warm_start.teacher(config, model, num_classes, steps_per_epoch),
                      transitions=warm_start.transitions(config, steps_per_epoch),
                      any_depth=base.any_depth_rule(config, model, depths, ekd, 0),
-                     solo_steps=start, grads=base.gradient_rule(config))
+                     solo_steps=start, grads=gradients.rule(config))
