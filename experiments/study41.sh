@@ -13,6 +13,7 @@
 # sub-nets' gradient with the full net's on the shared weights, per stage),
 # written to docs/results/study41/; then the variants, cheapest first; then
 # the comparison methods' second seed that study30.sh had left (MCOD, InDistill).
+# The runs and the commit each runs from are listed in experiments/study41.queue.
 #
 #   setsid nohup bash experiments/study41.sh >/dev/null 2>&1 &
 #
@@ -26,6 +27,7 @@ OUT=${OUT:-/tmp/ddnn_study30}
 ROOT=${ROOT:-$(cd "$REPO/.." && pwd)/shared/datasets/cifar10-jpeg-train.tar}
 RECORDS=$REPO/docs/results/study30/runs
 CHECKS=$REPO/docs/results/study41
+QUEUE=${QUEUE:-$REPO/experiments/study41.queue}
 WT=${WT:-/tmp/wt_study41_$PIN}
 [ -d "$WT" ] || git -C "$REPO" worktree add --detach "$WT" "$PIN" || exit 1
 mkdir -p "$OUT" "$CHECKS"
@@ -49,12 +51,19 @@ gradient_check() {  # one epoch (351 steps) of the default EKD, every 10th step
 }
 {
   echo "=== start $(date -u) from $WT"
-  records restore && parked unpark &&
-  gradient_check &&
-  drive ekd_warm10 ekd_warm10_s0 &&
-  drive ekd_delayed15 ekd_delayed15_s0 &&
-  drive ekd_project ekd_project_s0 &&
-  drive ekd_sandwich ekd_sandwich_s0 &&
-  drive ekd_grad_eq ekd_grad_eq_s0 &&
-  for run in mcod_s1 indistill_d1_s1; do drive none "$run" --comparison 2 || break; done
+  records restore && parked unpark && gradient_check || exit 1
+  # The queue is re-read after every run, so candidates appended to it while
+  # this driver runs are screened in turn; a line whose PIN differs from the
+  # driver's runs from its own pinned worktree.
+  i=0
+  while line=$(grep -v -e '^#' -e '^[[:space:]]*$' "$QUEUE" | sed -n "$((i + 1))p"); [ -n "$line" ]; do
+    set -- $line
+    pin=$3
+    WT=/tmp/wt_study41_$pin
+    [ -d "$WT" ] || git -C "$REPO" worktree add --detach "$WT" "$pin" || exit 1
+    cd "$WT" || exit 1
+    echo "=== $(date -u) $2 (ablation $1) at $pin"
+    drive "$1" "$2" "${@:4}" || exit 1
+    i=$((i + 1))
+  done
 } >> "$OUT/driver.log" 2>&1
