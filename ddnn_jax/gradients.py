@@ -48,7 +48,6 @@ class GradientRule:
   equilibrium: bool = False
 
 
-
 def rule(config: ml_collections.ConfigDict) -> GradientRule | None:
   """The rule of `config.grads` (None: plain summed gradients)."""
   grads = config.get('grads')
@@ -146,3 +145,26 @@ def combine(rule: GradientRule, g_full, g_sub, params,
   if rule.equilibrium:
     grads = jax.tree.map(lambda g, n: g / n, grads, users(params, depths))
   return grads, metrics
+
+
+def differentiate(rule: GradientRule, depths: Sequence[tuple[int, ...]], loss_fn,
+                  params, args):
+  """(loss, terms, batch_stats, grads) of one train step under `rule`:
+  `loss_fn(params, *args)` (train.make_loss_fn's) split into the reference
+  member's loss (`depths[-1]`) and the others', differentiated apart (one
+  forward, two backward passes), then combined by `combine`."""
+  reference = models.depth_tag(depths[-1])
+
+  def split(params):
+    loss, aux = loss_fn(params, *args)
+    key = f'{reference}/loss'
+    if key not in aux[0]:
+      raise ValueError(f'config.grads needs the objective to report {key!r}; method '
+                       'ekd or joint_ce reports it')
+    return (aux[0][key], loss - aux[0][key]), (loss, aux)
+
+  _, pullback, (loss, (terms, batch_stats, _)) = jax.vjp(split, params, has_aux=True)
+  one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
+  (g_full,), (g_sub,) = pullback((one, zero)), pullback((zero, one))
+  grads, stats = combine(rule, g_full, g_sub, params, depths)
+  return loss, {**terms, **stats}, batch_stats, grads

@@ -75,7 +75,8 @@ def make_train_step(exp: experiment.Experiment):
       grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
       (loss, (terms, batch_stats, _)), grads = grad_fn(state.params, *args)
     else:
-      loss, terms, batch_stats, grads = _ruled_gradients(method, loss_fn, state.params, args)
+      loss, terms, batch_stats, grads = gradients.differentiate(
+          method.grads, depths, loss_fn, state.params, args)
     return update(state, grads, batch_stats, loss, terms)
 
   in_shardings = (exp.state_sharding, mesh_lib.batch_sharding(mesh))
@@ -84,27 +85,6 @@ def make_train_step(exp: experiment.Experiment):
   return jax.jit(step, in_shardings=in_shardings,
                  out_shardings=(exp.state_sharding, mesh_lib.replicated(mesh)),
                  donate_argnums=0)
-
-
-def _ruled_gradients(method, loss_fn, params, args):
-  """(loss, terms, batch_stats, grads) of one step under `method.grads`: the
-  reference member's loss and the others' differentiated apart (one forward,
-  two backward passes), then combined by gradients.combine."""
-  reference = models.depth_tag(method.depths[-1])
-
-  def split(params):
-    loss, aux = loss_fn(params, *args)
-    key = f'{reference}/loss'
-    if key not in aux[0]:
-      raise ValueError(f'config.grads needs the objective to report {key!r}; method '
-                       'ekd or joint_ce reports it')
-    return (aux[0][key], loss - aux[0][key]), (loss, aux)
-
-  _, pullback, (loss, (terms, batch_stats, _)) = jax.vjp(split, params, has_aux=True)
-  one, zero = jnp.ones((), jnp.float32), jnp.zeros((), jnp.float32)
-  (g_full,), (g_sub,) = pullback((one, zero)), pullback((zero, one))
-  grads, stats = gradients.combine(method.grads, g_full, g_sub, params, method.depths)
-  return loss, {**terms, **stats}, batch_stats, grads
 
 
 def make_loss_fn(model, depths, objective, teacher=None, solo_steps: int = 0):
